@@ -1,0 +1,37 @@
+"""Normalizing flows as Pyro TransformModules, and the registry that names them.
+
+>>> import transforms
+>>> transforms.available()                                  # doctest: +SKIP
+>>> layer = transforms.build("planar", 2)                   # one layer
+>>> stack = transforms.flow("radial", 2, 4)                 # four layers, composed
+>>> amortised = transforms.flow("planar", 2, 4, context_dim=8)
+>>> step = amortised.condition(torch.randn(8))              # doctest: +SKIP
+"""
+
+# Importing a flow family's module registers it.
+from . import (  # noqa: F401
+    autoregressive,
+    cnf,
+    conv_planar,
+    coupling,
+    glow,
+    householder,
+    planar,
+    prelu,
+    radial,
+    sylvester,
+)
+from .permutation import Reverse
+from .registry import FlowInfo, available, build, condition, factory, flow, info, register
+
+__all__ = [
+    "FlowInfo",
+    "Reverse",
+    "available",
+    "build",
+    "condition",
+    "factory",
+    "flow",
+    "info",
+    "register",
+]
