@@ -21,12 +21,13 @@ from . import (  # noqa: F401
     radial,
     sylvester,
 )
-from .permutation import Reverse
+from .permutation import Reverse, Roll
 from .registry import FlowInfo, available, build, condition, factory, flow, info, register
 
 __all__ = [
     "FlowInfo",
     "Reverse",
+    "Roll",
     "available",
     "build",
     "condition",

@@ -43,8 +43,10 @@ class FlowInfo:
     :param event_dim: 1 for a map of vectors (broadcast over any batch dims, e.g. time),
         2 for a map of a whole ``(T, Z)`` sequence.
     :param min_input_dim: the smallest ``input_dim`` the flow acts on (2 for couplings).
-    :param permute_between: :func:`flow` puts a dimension reversal between consecutive layers,
-        so that every coordinate is eventually transformed (couplings, autoregressive flows).
+    :param permute_between: :func:`flow` puts a permutation between consecutive layers, so that
+        every coordinate is eventually transformed and conditioned on: ``True`` for a reversal
+        (:class:`~transforms.Reverse`), or a callable ``(input_dim, **kwargs) -> TransformModule``
+        that builds the permutation a family needs (couplings roll by their split).
     :param test_kwargs: keyword arguments the generated tests pass to the builder in float64
         (e.g. tight ODE tolerances); never a loosening of the test's own tolerances.
     :param description: one line for ``--help`` texts and the docs.
@@ -56,7 +58,7 @@ class FlowInfo:
     exact_inverse: bool
     event_dim: int = 1
     min_input_dim: int = 1
-    permute_between: bool = False
+    permute_between: bool | Callable[..., TransformModule] = False
     test_kwargs: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
@@ -75,7 +77,7 @@ def register(
     conditional: ConditionalBuilder | None = None,
     event_dim: int = 1,
     min_input_dim: int = 1,
-    permute_between: bool = False,
+    permute_between: bool | Callable[..., TransformModule] = False,
     test_kwargs: dict[str, Any] | None = None,
     description: str = "",
 ) -> Callable[[PlainBuilder], PlainBuilder]:
@@ -153,10 +155,12 @@ def build(name: str, input_dim: int, *, context_dim: int | None = None, **kwargs
     return entry.conditional_builder(input_dim, context_dim, **kwargs)
 
 
-def _reversal(event_dim: int) -> TransformModule:
+def _permutation(entry: FlowInfo, input_dim: int, kwargs: dict[str, Any]) -> TransformModule:
+    if callable(entry.permute_between):
+        return entry.permute_between(input_dim, **kwargs)
     from .permutation import Reverse
 
-    return Reverse(event_dim=event_dim)
+    return Reverse(event_dim=entry.event_dim)
 
 
 def flow(
@@ -167,8 +171,8 @@ def flow(
     context_dim: int | None = None,
     **kwargs: Any,
 ) -> ComposeTransformModule | ConditionalComposeTransformModule:
-    """``length`` layers of flow ``name`` composed, with a dimension reversal between layers of
-    flows that need one. Plain: a :class:`ComposeTransformModule` (a Transform and an
+    """``length`` layers of flow ``name`` composed, with a permutation between layers of flows
+    that need one (see :class:`FlowInfo`). Plain: a :class:`ComposeTransformModule` (a Transform and an
     ``nn.Module``). Conditional: a :class:`ConditionalComposeTransformModule` whose
     ``condition(context)`` gives the composed transform."""
     entry = info(name)
@@ -177,7 +181,7 @@ def flow(
     layers = []
     for k in range(length):
         if k > 0 and entry.permute_between and input_dim > 1:
-            layers.append(_reversal(entry.event_dim))
+            layers.append(_permutation(entry, input_dim, kwargs))
         layers.append(build(name, input_dim, context_dim=context_dim, **kwargs))
     if context_dim is None:
         return ComposeTransformModule(layers)
