@@ -1,0 +1,313 @@
+"""Family tests of the convolution planar flow over time (``conv_planar``, ``conv_planar_centered``):
+exact log-determinants against the dense autograd Jacobian of the flattened (T, Z) event, the
+Jacobian's sparsity, exact inverses (parallel and sequential solvers), gradients through the
+inverse, batch shapes, jit tracing and the registry's claims."""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import pytest
+import torch
+
+import transforms
+import transforms.conv_planar as cp
+from transforms.conv_planar import ConditionedConvPlanar, ConvPlanar
+
+SEQ_LEN, LATENT, KERNEL, CONTEXT = 25, 2, 3, 4
+PARAM_NOISE = 0.5
+LOGDET_TOL = 1e-6
+ROUNDTRIP_RTOL = {torch.float64: 1e-10, torch.float32: 1e-6}
+
+
+def _layer(causal: bool, conditional: bool, kernel_size: int = KERNEL, dtype=torch.float64):
+    name = "conv_planar" if causal else "conv_planar_centered"
+    context_dim = CONTEXT if conditional else None
+    return transforms.build(name, LATENT, context_dim=context_dim, kernel_size=kernel_size).to(dtype)
+
+
+def _move(layer, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+            parameter.add_(PARAM_NOISE * noise)
+
+
+def _transform(layer, context):
+    return layer.condition(context) if context is not None else layer
+
+
+def _jacobian(transform, x_event: torch.Tensor) -> torch.Tensor:
+    shape = x_event.shape
+    return torch.autograd.functional.jacobian(
+        lambda v: transform(v.reshape(shape)).reshape(-1), x_event.reshape(-1)
+    )
+
+
+def _context(conditional: bool, *batch: int, steps: int = SEQ_LEN, dtype=torch.float64):
+    return torch.randn(*batch, steps, CONTEXT, dtype=dtype) if conditional else None
+
+
+CASES = [(causal, conditional) for causal in (True, False) for conditional in (False, True)]
+CASE_IDS = [f"{'causal' if c else 'centred'}-{'cond' if k else 'plain'}" for c, k in CASES]
+
+
+@pytest.mark.parametrize("moved", [False, True], ids=["init", "moved"])
+@pytest.mark.parametrize("causal,conditional", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("steps,kernel_size", [(SEQ_LEN, KERNEL), (1, KERNEL), (2, KERNEL), (3, 5)])
+def test_logdet_matches_dense_autograd_jacobian(causal, conditional, moved, steps, kernel_size):
+    torch.manual_seed(0)
+    layer = _layer(causal, conditional, kernel_size)
+    if moved:
+        _move(layer, seed=1)
+    batch = 3
+    x = 1.5 * torch.randn(batch, steps, LATENT, dtype=torch.float64)
+    context = _context(conditional, batch, steps=steps)
+    transform = _transform(layer, context)
+    ours = transform.log_abs_det_jacobian(x, transform(x))
+    fresh = transform.log_abs_det_jacobian(x.clone(), None)  # not from the forward's cache
+    assert ours.shape == (batch,)
+    torch.testing.assert_close(fresh, ours, rtol=0, atol=0)
+    for i in range(batch):
+        per_sample = _transform(layer, None if context is None else context[i])
+        expected = torch.linalg.slogdet(_jacobian(per_sample, x[i])).logabsdet
+        assert ours[i].item() == pytest.approx(expected.item(), abs=LOGDET_TOL, rel=LOGDET_TOL)
+
+
+@pytest.mark.parametrize("causal,conditional", CASES, ids=CASE_IDS)
+def test_jacobian_sparsity_is_the_filters_band(causal, conditional):
+    """Causal: lower block-triangular with k - 1 sub-diagonal blocks; centred: p blocks either
+    side. Everything outside the band is exactly zero, and the band is really used."""
+    torch.manual_seed(2)
+    layer = _layer(causal, conditional)
+    _move(layer, seed=3)
+    x = torch.randn(SEQ_LEN, LATENT, dtype=torch.float64)
+    jacobian = _jacobian(_transform(layer, _context(conditional)), x)
+    blocks = jacobian.reshape(SEQ_LEN, LATENT, SEQ_LEN, LATENT).abs().amax((1, 3))  # (t, s)
+    lag = torch.arange(SEQ_LEN)[:, None] - torch.arange(SEQ_LEN)[None, :]  # t - s
+    half = (KERNEL - 1) // 2
+    band = (lag >= 0) & (lag < KERNEL) if causal else lag.abs() <= half
+    assert (blocks[~band] == 0).all()
+    assert (blocks[band] > 0).all()
+    if causal:
+        assert torch.equal(blocks, blocks.tril())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("conditional", [False, True], ids=["plain", "cond"])
+@pytest.mark.parametrize("steps,kernel_size", [(SEQ_LEN, KERNEL), (1, KERNEL), (2, KERNEL), (40, 4)])
+def test_round_trips_at_fresh_points(conditional, dtype, steps, kernel_size):
+    torch.manual_seed(4)
+    layer = _layer(True, conditional, kernel_size, dtype)
+    _move(layer, seed=5)
+    batch = 16
+    transform = _transform(layer, _context(conditional, batch, steps=steps, dtype=dtype))
+    rtol = ROUNDTRIP_RTOL[dtype]
+    with torch.no_grad():
+        x = 1.5 * torch.randn(batch, steps, LATENT, dtype=dtype)
+        x_back = transform.inv(transform(x).clone())
+        _assert_round_trip(x_back, x, rtol)
+        y = 1.5 * torch.randn(batch, steps, LATENT, dtype=dtype)
+        _assert_round_trip(transform(transform.inv(y).clone()), y, rtol)
+
+
+def _assert_round_trip(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    """float64: elementwise, rtol = atol = 1e-10. float32: 1e-6 of the largest magnitude of the
+    sequence batch (normwise), since the float32 forward map itself, evaluated at the exact
+    (float64) inverse, misses y by ~3e-7 of that scale: elementwise 1e-6 near zero entries
+    would test rounding, not the inverse."""
+    if actual.dtype == torch.float64:
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol)
+        return
+    error = (actual - expected).abs().max().item()
+    assert error <= rtol * expected.abs().max().item(), f"round trip error {error:.3g}"
+
+
+def test_long_sequences_invert_through_the_scan():
+    """T = 3000 is past the dense-solve size: Newton steps go through the O(T) scan."""
+    torch.manual_seed(6)
+    layer = _layer(True, True)
+    _move(layer, seed=7)
+    steps, batch = 3000, 4
+    assert batch * steps * steps > cp._DENSE_SOLVE_MAX_ENTRIES
+    transform = layer.condition(_context(True, batch, steps=steps))
+    with torch.no_grad():
+        x = 1.5 * torch.randn(batch, steps, LATENT, dtype=torch.float64)
+        torch.testing.assert_close(transform.inv(transform(x).clone()), x, rtol=1e-10, atol=1e-10)
+
+
+def test_parallel_newton_scan_and_sequential_solvers_agree(monkeypatch):
+    torch.manual_seed(8)
+    layer = _layer(True, True)
+    _move(layer, seed=9)
+    transform = layer.condition(_context(True, 5, steps=60))
+    y = 2.0 * torch.randn(5, 60, LATENT, dtype=torch.float64)
+    with torch.no_grad():
+        dense = transform.inv(y.clone())
+        monkeypatch.setattr(cp, "_DENSE_SOLVE_MAX_ENTRIES", 0)  # Newton steps by the scan
+        scanned = transform.inv(y.clone())
+        monkeypatch.setattr(cp, "_MAX_PARALLEL_NEWTON", 0)  # everything to the sequential solver
+        sequential = transform.inv(y.clone())
+    torch.testing.assert_close(scanned, dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sequential, dense, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["dense-solve", "scan"])
+@pytest.mark.parametrize("conditional", [False, True], ids=["shared-u", "per-step-u"])
+def test_log_prob_gradients_through_the_inverse(conditional, scan, monkeypatch):
+    """gradcheck of log_prob(y) at points the flow never produced, w.r.t. y and every parameter:
+    the implicit-function step gives the exact derivative of the inverse."""
+    if scan:
+        monkeypatch.setattr(cp, "_DENSE_SOLVE_MAX_ENTRIES", 0)
+    torch.manual_seed(10)
+    steps = 7
+    w = (0.6 * torch.randn(KERNEL, LATENT, dtype=torch.float64)).requires_grad_()
+    u_shape = (steps, LATENT) if conditional else (LATENT,)
+    b_shape = (steps,) if conditional else (1,)
+    u = torch.randn(u_shape, dtype=torch.float64).requires_grad_()
+    b = (0.3 * torch.randn(b_shape, dtype=torch.float64)).requires_grad_()
+    y = (1.5 * torch.randn(2, steps, LATENT, dtype=torch.float64)).requires_grad_()
+    base = dist.Normal(torch.zeros(steps, LATENT, dtype=torch.float64), 1.0).to_event(2)
+
+    def log_prob(y, w, u, b):
+        flow = ConditionedConvPlanar((w, u, b), causal=True)
+        return dist.TransformedDistribution(base, [flow]).log_prob(y)
+
+    assert torch.autograd.gradcheck(log_prob, (y, w, u, b), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "centred"])
+def test_batch_shapes_sample_by_sequence(causal):
+    torch.manual_seed(11)
+    layer = _layer(causal, True)
+    samples, batch, steps = 3, 4, 9
+    context = _context(True, batch, steps=steps)  # per sequence, shared by the samples
+    transform = layer.condition(context)
+    x = torch.randn(samples, batch, steps, LATENT, dtype=torch.float64)
+    y = transform(x)
+    assert y.shape == x.shape
+    log_det = transform.log_abs_det_jacobian(x, y)
+    assert log_det.shape == (samples, batch)
+    for s in range(samples):
+        torch.testing.assert_close(log_det[s], transform.log_abs_det_jacobian(x[s], None))
+    if causal:
+        with torch.no_grad():
+            torch.testing.assert_close(transform.inv(y.clone()), x, rtol=1e-10, atol=1e-10)
+    plain = _layer(causal, False)
+    assert plain.log_abs_det_jacobian(x, plain(x)).shape == (samples, batch)
+
+
+def test_inverse_is_jit_traceable_and_matches_eager():
+    torch.manual_seed(12)
+    module = _layer(True, False)
+    _move(module, seed=13)
+    # parameters as plain tensors: a traced function may not capture tensors that require grad
+    layer = ConditionedConvPlanar(tuple(p.detach() for p in (module.w, module.u, module.bias)))
+    # short: the trace unrolls the sequential solver (fixed iteration counts) over every step
+    y = 1.5 * torch.randn(2, 4, LATENT, dtype=torch.float64)
+    with torch.no_grad():
+        eager = layer.inv(y.clone())
+        traced = torch.jit.trace(lambda v: layer.inv(v), (y.clone(),), check_trace=False)
+        torch.testing.assert_close(traced(y.clone()), eager, rtol=1e-12, atol=1e-12)
+        other = 1.5 * torch.randn(2, 4, LATENT, dtype=torch.float64)  # the trace is not the cache
+        torch.testing.assert_close(traced(other), layer.inv(other.clone()), rtol=1e-12, atol=1e-12)
+
+
+def test_centred_constraint_makes_every_sylvester_matrix_column_dominant():
+    """The centred map is a bijection because I + D W U_hat is strictly column diagonally
+    dominant with a positive diagonal for every diagonal D in [0, 1]."""
+    torch.manual_seed(14)
+    for seed in range(5):
+        layer = _layer(False, True)
+        _move(layer, seed=seed)
+        transform = layer.condition(_context(True))
+        w, u_hat, _, one_plus_c = transform._constrained_params()
+        taps = u_hat @ w.T  # (T, k)
+        center = (KERNEL - 1) // 2
+        off_center = taps.abs().sum(-1) - taps[:, center].abs()
+        # column s of I + d_s (W U_hat)[:, s]: 1 + d_s c_s > d_s sum_j |w_j . u_hat_s|, d_s <= 1
+        assert (one_plus_c - off_center > 0).all()
+        assert (1.0 - off_center + taps[:, center] > 0).all()
+
+
+def test_causal_constraint_keeps_each_step_invertible_at_any_parameters():
+    torch.manual_seed(15)
+    layer = _layer(True, True)
+    for seed in range(5):
+        _move(layer, seed=seed)
+        _, _, _, one_plus_c = layer.condition(_context(True))._constrained_params()
+        assert (one_plus_c > 0).all()
+
+
+def test_registry_claims_are_true():
+    causal, centred = transforms.info("conv_planar"), transforms.info("conv_planar_centered")
+    assert causal.event_dim == centred.event_dim == 2
+    assert causal.exact_inverse and not centred.exact_inverse
+    assert causal.conditional and centred.conditional
+    assert not causal.permute_between  # see ConvPlanar's docstring: context alignment
+    with pytest.raises(ValueError, match="conv_planar_centered"):
+        transforms.build("conv_planar", 2, causal=False)
+    with pytest.raises(ValueError, match="conv_planar_centered"):
+        transforms.build("conv_planar", 2, context_dim=3, causal=False)
+    with pytest.raises(ValueError, match="odd kernel_size"):
+        transforms.build("conv_planar_centered", 2, kernel_size=4)
+    with pytest.raises(ValueError, match="kernel_size"):
+        transforms.build("conv_planar", 2, kernel_size=0)
+    with pytest.raises(ValueError, match=r"\(\.\.\., T, 2\)"):
+        transforms.build("conv_planar", 2)(torch.randn(5, 3))
+    assert "kernel_size=3" in repr(transforms.build("conv_planar", 2))
+
+
+def test_flow_stacks_layers_and_trains_a_sequence_density():
+    """Four composed layers fit a sequence density by maximum likelihood (log_prob at data
+    points, i.e. through the exact inverse): the loss falls and stays finite."""
+    torch.manual_seed(16)
+    steps = 12
+    noise = torch.randn(128, steps, 1, dtype=torch.float64)
+    data = torch.cumsum(noise, dim=1) / steps**0.5  # a random walk: strong dependence in time
+    stack = transforms.flow("conv_planar", 1, 4).to(torch.float64)
+    base = dist.Normal(torch.zeros(steps, 1, dtype=torch.float64), 1.0).to_event(2)
+    density = dist.TransformedDistribution(base, [stack])
+    optimiser = torch.optim.Adam(stack.parameters(), lr=5e-2)
+    losses = []
+    for _ in range(25):
+        optimiser.zero_grad()
+        # a fresh tensor each step: Pyro's one-entry caches would hand back last step's inverse
+        loss = -density.log_prob(data.clone()).mean()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0] - 1.0
+
+
+def test_plain_module_rejects_bad_construction():
+    with pytest.raises(ValueError, match="input_dim"):
+        ConvPlanar(0)
+    with pytest.raises(ValueError, match="kernel_size"):
+        ConvPlanar(2, kernel_size=2.5)
+
+
+@pytest.mark.parametrize("conditional", [False, True], ids=["plain", "cond"])
+def test_centred_newton_inverse_round_trips_and_differentiates(conditional):
+    """The centred inverse (Newton, dense solves; no convergence proof, so exact_inverse=False)
+    still reaches machine precision at fresh points, and log_prob there has correct gradients."""
+    torch.manual_seed(17)
+    layer = _layer(False, conditional)
+    _move(layer, seed=18)
+    transform = _transform(layer, _context(conditional, 8))
+    with torch.no_grad():
+        y = 1.5 * torch.randn(8, SEQ_LEN, LATENT, dtype=torch.float64)
+        torch.testing.assert_close(transform(transform.inv(y).clone()), y, rtol=1e-10, atol=1e-10)
+    steps = 6
+    w = (0.6 * torch.randn(KERNEL, LATENT, dtype=torch.float64)).requires_grad_()
+    u = torch.randn(steps, LATENT, dtype=torch.float64).requires_grad_()
+    b = (0.3 * torch.randn(steps, dtype=torch.float64)).requires_grad_()
+    y = (1.5 * torch.randn(2, steps, LATENT, dtype=torch.float64)).requires_grad_()
+    base = dist.Normal(torch.zeros(steps, LATENT, dtype=torch.float64), 1.0).to_event(2)
+
+    def log_prob(y, w, u, b):
+        flow = ConditionedConvPlanar((w, u, b), causal=False)
+        return dist.TransformedDistribution(base, [flow]).log_prob(y)
+
+    assert torch.autograd.gradcheck(log_prob, (y, w, u, b), eps=1e-6, atol=1e-6, rtol=1e-5)
