@@ -1,126 +1,102 @@
-"""Timing of one convolution planar layer (``conv_planar``, causal, k = 3) against sequence
-length: forward + log-det, and the exact inverse, for T = 100, 1000, 10000.
+"""One convolution planar layer (``conv_planar``, causal, k = 3) against sequence length:
+forward + log-det, and the exact inverse, for T = 100, 1000, 10000 (no autograd).
 
-Medians over interleaved repetitions (every T in turn, then again), each with a fresh input
-tensor: Pyro transforms cache the last (x, y) pair by identity, so reusing a tensor would time a
-cache hit. The minimum is reported beside the median: on a shared machine a call that is
-descheduled mid-way inflates the median of the longer (inverse) call most. Parameters are moved by N(0, 0.5) noise off their initialisation. Runs without
-autograd. Writes ``bench_conv_planar.json`` and ``bench_conv_planar.md`` into ``--out``.
+The cost of a layer should grow linearly in T; the table gives microseconds per step beside the
+totals. Parameters are moved by N(0, 0.5) noise off their initialisation, and every repetition
+gets a fresh input (Pyro transforms cache the last pair by identity). The round-trip error of each
+inverse is checked alongside, so a fast wrong inverse would show.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_conv_planar.py --out docs/conv_planar
+    python -m benchmarks --suite conv_planar
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import statistics
-import time
-from pathlib import Path
+from typing import Any
 
 import torch
-from tqdm import tqdm
 
 import transforms
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from .harness import time_interleaved
+
+__all__ = ["run"]
+
+STEPS = (100, 1000, 10000)
+BATCH, LATENT_DIM, KERNEL_SIZE = 16, 2, 3
+PARAM_NOISE = 0.5
 
 
-def _timed(fn) -> tuple[float, torch.Tensor]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[100, 1000, 10000],
-                        help="sequence lengths T")
-    parser.add_argument("--batch", type=int, default=16, help="sequences per call")
-    parser.add_argument("--latent-dim", type=int, default=2, help="Z")
-    parser.add_argument("--kernel-size", type=int, default=3, help="k")
-    parser.add_argument("--reps", type=int, default=15, help="interleaved repetitions")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("docs/conv_planar"))
-    args = parser.parse_args(argv)
-    for name in ("batch", "latent_dim", "kernel_size", "reps"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if any(t <= 0 for t in args.steps):
-        parser.error(f"--steps must be positive, got {args.steps}")
-
-    torch.manual_seed(args.seed)
-    dtype = DTYPES[args.dtype]
-    layer = transforms.build("conv_planar", args.latent_dim, kernel_size=args.kernel_size).to(dtype)
+def _layer(device: torch.device, seed: int = 0):
+    torch.manual_seed(seed)
+    layer = transforms.build("conv_planar", LATENT_DIM, kernel_size=KERNEL_SIZE).to(device)
     with torch.no_grad():
         for parameter in layer.parameters():
-            parameter.add_(0.5 * torch.randn_like(parameter))
+            parameter.add_(PARAM_NOISE * torch.randn_like(parameter))
+    return layer
 
-    times = {t: {"forward_logdet": [], "inverse": []} for t in args.steps}
-    worst_round_trip = {t: 0.0 for t in args.steps}
-    with torch.no_grad():
-        for t in args.steps:  # warm-up: first calls allocate
-            x = torch.randn(args.batch, t, args.latent_dim, dtype=dtype)
+
+def run(*, smoke: bool = False, device: torch.device | str = "cpu") -> tuple[dict[str, Any], str]:
+    device = torch.device(device)
+    steps = (10, 100) if smoke else STEPS
+    repeats, warmup = (1, 0) if smoke else (11, 2)
+    layer = _layer(device)
+
+    def forward(x: torch.Tensor) -> None:
+        with torch.no_grad():
             layer.log_abs_det_jacobian(x, layer(x))
-            layer.inv(torch.randn_like(x))
-        for _ in tqdm(range(args.reps), desc="interleaved repetitions"):
-            for t in args.steps:
-                x = torch.randn(args.batch, t, args.latent_dim, dtype=dtype)
-                elapsed, _ = _timed(lambda: layer.log_abs_det_jacobian(x, layer(x)))
-                times[t]["forward_logdet"].append(elapsed)
-                y = 1.5 * torch.randn(args.batch, t, args.latent_dim, dtype=dtype)
-                elapsed, x_back = _timed(lambda: layer.inv(y))
-                times[t]["inverse"].append(elapsed)
-                error = ((layer(x_back.clone()) - y).abs().max() / y.abs().max()).item()
-                worst_round_trip[t] = max(worst_round_trip[t], error)
+
+    def inverse(y: torch.Tensor) -> None:
+        with torch.no_grad():
+            layer.inv(y)
+
+    def round_trip_error(n_steps: int) -> float:
+        """Relative error of forward(inverse(y)) on fresh draws, checked outside the timing."""
+        worst = 0.0
+        with torch.no_grad():
+            for _ in range(3):
+                y = 1.5 * torch.randn(BATCH, n_steps, LATENT_DIM, device=device)
+                x = layer.inv(y)
+                worst = max(worst, ((layer(x.clone()) - y).abs().max() / y.abs().max()).item())
+        return worst
 
     rows = []
-    for t in args.steps:
-        forward = statistics.median(times[t]["forward_logdet"])
-        inverse = statistics.median(times[t]["inverse"])
-        rows.append({
-            "T": t,
-            "forward_logdet_ms": 1e3 * forward,
-            "inverse_ms": 1e3 * inverse,
-            "inverse_over_forward": inverse / forward,
-            "forward_us_per_step": 1e6 * forward / t,
-            "inverse_us_per_step": 1e6 * inverse / t,
-            "forward_logdet_min_ms": 1e3 * min(times[t]["forward_logdet"]),
-            "inverse_min_ms": 1e3 * min(times[t]["inverse"]),
-            "worst_round_trip_rel_error": worst_round_trip[t],
-        })
-    result = {
-        "layer": repr(layer),
-        "batch": args.batch, "latent_dim": args.latent_dim, "kernel_size": args.kernel_size,
-        "dtype": args.dtype, "reps": args.reps, "autograd": False,
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "machine": platform.processor()
-        or platform.machine(), "rows": rows,
-    }
+    for n_steps in steps:
+        timings = time_interleaved(
+            {"forward+logdet": forward, "inverse": inverse},
+            lambda: 1.5 * torch.randn(BATCH, n_steps, LATENT_DIM, device=device),
+            repeats=repeats,
+            warmup=warmup,
+            device=device,
+        )
+        rows.append(
+            {
+                "T": n_steps,
+                "forward": timings["forward+logdet"].summary(),
+                "inverse": timings["inverse"].summary(),
+                "ratio": timings["inverse"].median / timings["forward+logdet"].median,
+                "forward_us_per_step": 1e6 * timings["forward+logdet"].median / n_steps,
+                "inverse_us_per_step": 1e6 * timings["inverse"].median / n_steps,
+                "worst_round_trip_rel_error": round_trip_error(n_steps),
+            }
+        )
     lines = [
-        f"# conv_planar: one layer vs sequence length ({args.dtype}, batch {args.batch}, "
-        f"Z={args.latent_dim}, k={args.kernel_size}, {torch.get_num_threads()} thread(s), "
-        f"median of {args.reps} interleaved repetitions, no autograd)",
+        f"### conv_planar, one causal layer against T (batch {BATCH}, Z = {LATENT_DIM}, k = {KERNEL_SIZE}, "
+        f"{repeats} interleaved repeats, no autograd)",
         "",
-        "| T | forward + log-det (ms) | inverse (ms) | inverse / forward | forward µs/step | "
-        "inverse µs/step | min forward / inverse (ms) | worst round trip (rel) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Target: inverse <= 5x forward. The round-trip error is checked on fresh draws outside the timing.",
+        "",
+        "| T | forward+logdet median ms (min-max) | inverse median ms (min-max) | inverse / forward | "
+        "forward µs/step | inverse µs/step | worst round trip (rel) |",
+        "|---:|---|---|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['T']} | {row['forward_logdet_ms']:.3f} | {row['inverse_ms']:.3f} | "
-            f"{row['inverse_over_forward']:.1f} | {row['forward_us_per_step']:.2f} | "
-            f"{row['inverse_us_per_step']:.2f} | {row['forward_logdet_min_ms']:.3f} / "
-            f"{row['inverse_min_ms']:.3f} | {row['worst_round_trip_rel_error']:.1e} |"
+            f"| {row['T']} | {_ms(row['forward'])} | {_ms(row['inverse'])} | "
+            f"{row['ratio']:.1f} | {row['forward_us_per_step']:.2f} | "
+            f"{row['inverse_us_per_step']:.2f} | {row['worst_round_trip_rel_error']:.1e} |"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_conv_planar.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "bench_conv_planar.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return {"rows": rows}, "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
-    main()
+def _ms(summary: dict[str, Any]) -> str:
+    return f"{1e3 * summary['median_s']:.2f} ({1e3 * summary['min_s']:.2f}-{1e3 * summary['max_s']:.2f})"

@@ -1,0 +1,180 @@
+"""Transform throughput: our flows against Pyro's same math, and inverse cost against forward.
+
+Batch 4096, D = 2, 16, 64, K = 8 layers: forward + log-det (no grad), and forward + backward of
+sum(y) + sum(log-det). Each contender is a stack built the same way (a reversal between layers
+where the flow needs one), so the ratio compares the layers themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pyro.distributions.transforms as pyro_transforms
+import torch
+
+import transforms
+
+from .harness import Timing, time_interleaved
+
+__all__ = ["run"]
+
+BATCH = 4096
+DIMS = (2, 16, 64)
+LENGTH = 8
+# Pyro's own implementation of the same map, where one exists (pyro-ppl 1.9.2 names).
+PYRO_TWINS: dict[str, Callable[[int], Any]] = {
+    "planar": pyro_transforms.planar,
+    "radial": pyro_transforms.radial,
+    "householder": pyro_transforms.householder,
+    "iaf": pyro_transforms.affine_autoregressive,
+    "realnvp": pyro_transforms.affine_coupling,
+}
+INVERSE_FLOWS = ("planar", "radial", "sylvester", "conv_planar")
+CONV_SEQ_LEN = 100  # T of the (B, T, Z) sequences fed to conv_planar
+
+
+def _pyro_stack(name: str, dim: int, length: int) -> list[Any]:
+    parts: list[Any] = []
+    for k in range(length):
+        if k > 0 and transforms.info(name).permute_between:
+            parts.append(transforms.Reverse())
+        parts.append(PYRO_TWINS[name](dim))
+    return parts
+
+
+def _forward_logdet(parts: list[Any], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    log_det = x.new_zeros(())
+    for part in parts:
+        y = part(x)
+        log_det = log_det + part.log_abs_det_jacobian(x, y)
+        x = y
+    return x, log_det
+
+
+def _forward_contender(parts: list[Any]) -> Callable[[torch.Tensor], None]:
+    def call(x: torch.Tensor) -> None:
+        with torch.no_grad():
+            _forward_logdet(parts, x)
+
+    return call
+
+
+def _backward_contender(parts: list[Any]) -> Callable[[torch.Tensor], None]:
+    def call(x: torch.Tensor) -> None:
+        y, log_det = _forward_logdet(parts, x)
+        (y.sum() + log_det.sum()).backward()
+
+    return call
+
+
+def _inverse_contender(parts: list[Any]) -> Callable[[torch.Tensor], None]:
+    def call(y: torch.Tensor) -> None:
+        with torch.no_grad():
+            for part in reversed(parts):
+                y = part.inv(y)
+
+    return call
+
+
+def _throughput(dims: tuple[int, ...], batch: int, repeats: int, warmup: int, device: torch.device):
+    rows = []
+    for name, twin in PYRO_TWINS.items():
+        if name not in transforms.available():
+            continue
+        for dim in dims:
+            if dim < transforms.info(name).min_input_dim:
+                continue
+            ours = list(transforms.flow(name, dim, LENGTH).to(device).parts)
+            theirs = [p.to(device) if isinstance(p, torch.nn.Module) else p for p in _pyro_stack(name, dim, LENGTH)]
+
+            def make_input() -> torch.Tensor:
+                return torch.randn(batch, dim, device=device)
+
+            for mode, contender in (("forward+logdet", _forward_contender), ("forward+backward", _backward_contender)):
+                timings = time_interleaved(
+                    {"ours": contender(ours), "pyro": contender(theirs)},
+                    make_input,
+                    repeats=repeats,
+                    warmup=warmup,
+                    device=device,
+                )
+                rows.append(
+                    {
+                        "flow": name,
+                        "dim": dim,
+                        "mode": mode,
+                        "ours": timings["ours"].summary(),
+                        "pyro": timings["pyro"].summary(),
+                        "ratio": timings["ours"].median / timings["pyro"].median,
+                    }
+                )
+    return rows
+
+
+def _inverse_cost(batch: int, repeats: int, warmup: int, device: torch.device):
+    rows = []
+    for name in INVERSE_FLOWS:
+        if name not in transforms.available():
+            continue
+        entry = transforms.info(name)
+        dim = 2
+        shape = (batch, dim) if entry.event_dim == 1 else (max(batch // CONV_SEQ_LEN, 1), CONV_SEQ_LEN, dim)
+        parts = list(transforms.flow(name, dim, LENGTH).to(device).parts)
+
+        def make_input() -> torch.Tensor:
+            return torch.randn(*shape, device=device)
+
+        timings: dict[str, Timing] = time_interleaved(
+            {"forward": _forward_contender(parts), "inverse": _inverse_contender(parts)},
+            make_input,
+            repeats=repeats,
+            warmup=warmup,
+            device=device,
+        )
+        rows.append(
+            {
+                "flow": name,
+                "shape": list(shape),
+                "forward": timings["forward"].summary(),
+                "inverse": timings["inverse"].summary(),
+                "ratio": timings["inverse"].median / timings["forward"].median,
+            }
+        )
+    return rows
+
+
+def run(*, smoke: bool = False, device: torch.device | str = "cpu") -> tuple[dict[str, Any], str]:
+    device = torch.device(device)
+    batch = 64 if smoke else BATCH
+    dims = (2,) if smoke else DIMS
+    repeats, warmup = (1, 0) if smoke else (15, 3)
+    throughput = _throughput(dims, batch, repeats, warmup, device)
+    inverse = _inverse_cost(batch, repeats, warmup, device)
+    lines = [
+        f"### Transform throughput (batch {batch}, K = {LENGTH} layers, {repeats} interleaved repeats)",
+        "",
+        "Ratio = median(ours) / median(Pyro's); target <= 1.05.",
+        "",
+        "| flow | D | mode | ours median ms (min-max) | Pyro median ms (min-max) | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in throughput:
+        lines.append(
+            f"| {row['flow']} | {row['dim']} | {row['mode']} | {_ms(row['ours'])} | {_ms(row['pyro'])} | {row['ratio']:.2f} |"
+        )
+    lines += [
+        "",
+        f"### Inverse cost against forward (K = {LENGTH}, no grad); target <= 5x",
+        "",
+        "| flow | input shape | forward median ms | inverse median ms | inverse / forward |",
+        "|---|---|---|---|---|",
+    ]
+    for row in inverse:
+        lines.append(
+            f"| {row['flow']} | {tuple(row['shape'])} | {_ms(row['forward'])} | {_ms(row['inverse'])} | {row['ratio']:.1f} |"
+        )
+    return {"throughput": throughput, "inverse": inverse}, "\n".join(lines) + "\n"
+
+
+def _ms(summary: dict[str, Any]) -> str:
+    return f"{1e3 * summary['median_s']:.2f} ({1e3 * summary['min_s']:.2f}-{1e3 * summary['max_s']:.2f})"
