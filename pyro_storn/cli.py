@@ -1,0 +1,269 @@
+"""``pyro-storn``: simulate the pendulum, train / evaluate STORN, generate, report.
+
+Every subcommand has ``--help``. Bad input exits 2 with one line on stderr and writes nothing:
+all arguments and the data are validated before any file or directory is created. The work is
+done by library functions (:mod:`pyro_storn.runs`, :mod:`pyro_storn.report`), which the demo and
+the examples call too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+__all__ = ["main", "build_parser"]
+
+EXIT_BAD_INPUT = 2
+EXIT_TRAINING_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+class _InputError(Exception):
+    """Bad input: reported as one line and exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage + message
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pyro-storn", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("simulate", help="simulate the random-torque pendulum into an .npz",
+                       description="Simulate gymnasium's Pendulum-v1 under a uniformly random "
+                       "torque; writes x (train), x_test and the generating parameters.")
+    p.add_argument("--out", required=True, help="output file, must end in .npz")
+    p.add_argument("--n-sequences", type=_positive_int, default=1000)
+    p.add_argument("--n-steps", type=_positive_int, default=100)
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--with-action", action="store_true", help="add the torque as a last feature")
+
+    import transforms
+
+    flows = ["none"] + transforms.available()
+    p = sub.add_parser("train", help="train STORN (optionally with a flow guide)",
+                       description="Train STORN by SVI; writes config.json, metrics.jsonl and "
+                       "checkpoints into the run directory.")
+    p.add_argument("--data", required=True, help=".npz with x (N, T, D) [, mask, x_test]")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--flow", default="none", help=f"flow guide: {', '.join(flows)}")
+    p.add_argument("--flow-length", type=_non_negative_int, default=None,
+                   help="flow layers K (default 0 without a flow, 4 with one)")
+    p.add_argument("--latent-dim", type=_positive_int, default=2)
+    p.add_argument("--hidden-dim", type=_positive_int, default=128)
+    p.add_argument("--epochs", type=_positive_int, default=10)
+    p.add_argument("--batch-size", type=_positive_int, default=20)
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--num-particles", type=_positive_int, default=1)
+    p.add_argument("--clip-norm", type=_positive_float, default=10.0,
+                   help="gradient-norm clipping (per parameter tensor)")
+    p.add_argument("--kl-anneal-epochs", type=_non_negative_int, default=0,
+                   help="linear KL warm-up over this many epochs (0: none)")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=1, help="epochs")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (its stored settings; --epochs is the total)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel training (DDP) on the process group torchrun starts, e.g. "
+                   "`torchrun --nproc_per_node 4 -m pyro_storn.cli train --distributed ...`; "
+                   "--batch-size is per process; without torchrun it runs as one process; "
+                   "see docs/distributed.md")
+
+    p = sub.add_parser("evaluate", help="test -ELBO and IWAE bound of a trained run",
+                       description="Test -ELBO and -IWAE per sequence and per step; writes "
+                       "evaluation.json into the run directory.")
+    p.add_argument("run_dir")
+    p.add_argument("--samples", type=_positive_int, default=100, help="importance samples S")
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the training device)")
+
+    p = sub.add_parser("generate", help="generate sequences from an observed prefix",
+                       description="Observe the first steps of test sequences, generate the "
+                       "rest with z from the prior; writes generated.npz and a figure.")
+    p.add_argument("run_dir")
+    p.add_argument("--prefix", type=_positive_int, default=1, help="observed steps")
+    p.add_argument("--sequences", type=_positive_int, default=4, help="test sequences")
+    p.add_argument("--samples", type=_positive_int, default=5, help="generations per sequence")
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--device", default=None)
+
+    p = sub.add_parser("report", help="Markdown report with a metrics table and figures",
+                       description="Write report.md (and figures/) over one or more runs.")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", default=None, help="report file (default RUN_DIR/report.md)")
+    return parser
+
+
+def _check_device(device: str | None) -> None:
+    import torch
+
+    if device is None:
+        return
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise _InputError(f"--device must be cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise _InputError(f"--device {device!r} requested but CUDA is not available")
+
+
+def _simulate(args: argparse.Namespace) -> None:
+    from .data.pendulum import PendulumParams, load_or_simulate
+
+    if not args.out.endswith(".npz"):
+        raise _InputError(f"--out must end in .npz, got {args.out!r}")
+    params = PendulumParams(args.n_sequences, args.n_steps, args.seed, args.with_action)
+    x_train, x_test = load_or_simulate(args.out, params)
+    print(f"wrote {args.out}: x {x_train.shape}, x_test {x_test.shape}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .data.sequences import load_sequences
+    from .runs import CONFIG_NAME, TrainConfig, train
+    from .training import CHECKPOINT_NAME, NonFiniteLossError
+
+    length = args.flow_length if args.flow_length is not None else (0 if args.flow == "none"
+                                                                    else 4)
+    config = TrainConfig(
+        flow=args.flow, flow_length=length, latent_dim=args.latent_dim,
+        hidden_dim=args.hidden_dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, device=args.device, num_particles=args.num_particles,
+        clip_norm=args.clip_norm, kl_anneal_epochs=args.kl_anneal_epochs,
+        checkpoint_every=args.checkpoint_every,
+    )
+    config.validate()
+    data = load_sequences(args.data)
+    out = Path(args.out)
+    has_checkpoint = (out / CHECKPOINT_NAME).exists() or (out / f"{CHECKPOINT_NAME}.prev").exists()
+    if args.resume and not ((out / CONFIG_NAME).exists() and has_checkpoint):
+        raise _InputError(f"--resume: no checkpoint in {args.out!r} to resume from")
+    if not args.resume and out.exists() and any(out.iterdir()):
+        raise _InputError(f"--out {args.out!r} exists and is not empty; use --resume or a new "
+                          "directory")
+    if out.exists() and not out.is_dir():
+        raise _InputError(f"--out {args.out!r} is not a directory")
+    if args.distributed:
+        from .distributed import process_rank, train_distributed as train
+    try:
+        result = train(data, out, config, data_path=args.data, resume=args.resume,
+                       progress=not args.quiet)
+    except NonFiniteLossError as error:
+        print(f"pyro-storn train: {error}", file=sys.stderr)
+        return EXIT_TRAINING_FAILED
+    if result.interrupted:
+        print(f"interrupted after {result.epochs_completed} epoch(s); checkpoint "
+              f"{result.checkpoint}; continue with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if args.distributed and process_rank() != 0:
+        return 0  # rank 0 reports
+    last = result.history[-1] if result.history else {}
+    print(f"trained {args.out}: {result.epochs_completed} epochs, test -ELBO "
+          f"{last.get('test/neg_elbo', float('nan')):.3f} per sequence")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .runs import evaluate_run
+
+    _check_device(args.device)
+    result = evaluate_run(args.run_dir, num_samples=args.samples, seed=args.seed,
+                          device=args.device)
+    print(f"test -ELBO {result['neg_elbo_mean']:.3f} ± {result['neg_elbo_sd']:.3f} per sequence "
+          f"({result['neg_elbo_per_step']:.4f} per step); -IWAE({args.samples}) "
+          f"{result['neg_iwae_mean']:.3f} ({result['neg_iwae_per_step']:.4f} per step)")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .plots import plot_generation
+    from .report import _feature_names
+    from .runs import generate_run
+
+    _check_device(args.device)
+    out = generate_run(args.run_dir, n_prefix=args.prefix, n_sequences=args.sequences,
+                       num_samples=args.samples, seed=args.seed, device=args.device)
+    figure = plot_generation(out["actual"][0], out["generated"][:, 0], args.prefix,
+                             _feature_names(out["actual"].shape[-1]),
+                             Path(args.run_dir) / "figures" / "generation.png")
+    print(f"wrote {Path(args.run_dir) / 'generated.npz'} and {figure}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .report import run_summary, write_report
+
+    names = {}
+    for run_dir in args.run_dirs:
+        run_summary(run_dir)  # validates every run before writing anything
+        names[Path(run_dir).resolve().name or run_dir] = run_dir
+    out = args.out or str(Path(args.run_dirs[0]) / "report.md")
+    if not out.endswith(".md"):
+        raise _InputError(f"--out must end in .md, got {out!r}")
+    path = write_report(names, out)
+    print(f"wrote {path}")
+
+
+def _one_line_warnings(command: str):
+    """A ``warnings.showwarning`` that prints one line naming the subcommand (e.g. a corrupt
+    checkpoint and the fallback to ``.prev``), not Python's two-line form."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"pyro-storn {command}: warning: {message}", file=sys.stderr if file is None
+              else file)
+
+    return show
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = {"simulate": _simulate, "train": _train, "evaluate": _evaluate,
+               "generate": _generate, "report": _report}[args.command]
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(args.command)
+            code = command(args)
+    except (_InputError, ValueError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"pyro-storn {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"pyro-storn {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Figures of STORN runs (matplotlib, Agg backend): loss curves smoothed with a Savitzky-Golay
+filter as in the thesis, the flow's terms over training (thesis Fig. 6.4), and generated against
+actual signals (thesis Fig. 6.5)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy.signal import savgol_filter  # noqa: E402
+
+__all__ = ["smooth", "plot_losses", "plot_flow_terms", "plot_generation"]
+
+# Savitzky-Golay: a quadratic over about a fifth of the curve, at least 5 points.
+_SAVGOL_ORDER = 2
+_SAVGOL_MIN_WINDOW = 5
+
+History = Sequence[Mapping[str, Any]]
+
+
+def smooth(values: Sequence[float]) -> np.ndarray:
+    """Savitzky-Golay smoothing; curves too short to smooth are returned as they are."""
+    values = np.asarray(values, dtype=float)
+    n = values.shape[0]
+    window = max(_SAVGOL_MIN_WINDOW, n // 5)
+    window -= 1 - window % 2  # odd
+    if n < _SAVGOL_MIN_WINDOW or window > n or not np.isfinite(values).all():
+        return values
+    return savgol_filter(values, window, _SAVGOL_ORDER)
+
+
+def _series(history: History, key: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = [(r["epoch"], r[key]) for r in history if key in r and r[key] is not None]
+    if not rows:
+        return np.zeros(0), np.zeros(0)
+    epochs, values = zip(*rows)
+    return np.asarray(epochs), np.asarray(values, dtype=float)
+
+
+def _curve(ax: plt.Axes, history: History, key: str, label: str, color: Any, style: str) -> None:
+    epochs, values = _series(history, key)
+    if epochs.size == 0:
+        return
+    ax.plot(epochs, values, style, color=color, alpha=0.25, linewidth=1)
+    ax.plot(epochs, smooth(values), style, color=color, linewidth=1.8, label=label)
+
+
+def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_losses(histories: Mapping[str, History], path: str | os.PathLike) -> Path:
+    """-ELBO, KL and reconstruction NLL per sequence over epochs, train (dashed) and test
+    (solid), one colour per run; faint raw values under the smoothed curve."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    panels = (("neg_elbo", "-ELBO / sequence"), ("kl", "KL / sequence"),
+              ("recon_nll", "reconstruction NLL / sequence"))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, history) in enumerate(histories.items()):
+        color = colors[i % len(colors)]
+        for ax, (key, title) in zip(axes, panels):
+            _curve(ax, history, f"train/{key}", f"{name} train", color, "--")
+            _curve(ax, history, f"test/{key}", f"{name} test", color, "-")
+            ax.set_title(title)
+            ax.set_xlabel("epoch")
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_flow_terms(histories: Mapping[str, History], path: str | os.PathLike) -> Path:
+    """``E[log q0(z0)]``, ``E[log qK(zK)]``, ``E[Σ log|det J|]`` and ``E[log p(zK)]`` on the
+    training set over epochs (thesis Fig. 6.4), one colour per run."""
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    panels = (("log_q0", "E[log q0(z0)]"), ("log_qK", "E[log qK(zK)]"),
+              ("sum_log_det", "E[Σ log|det J|]"), ("log_prior", "E[log p(zK)]"))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, history) in enumerate(histories.items()):
+        for ax, (key, title) in zip(axes, panels):
+            _curve(ax, history, f"train/{key}", name, colors[i % len(colors)], "-")
+            ax.set_title(title)
+            ax.set_xlabel("epoch")
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_generation(
+    actual: np.ndarray,
+    generated: np.ndarray,
+    n_prefix: int,
+    feature_names: Sequence[str],
+    path: str | os.PathLike,
+    title: str = "",
+) -> Path:
+    """Generated (``(S, T, D)``, thin) against actual (``(T, D)``, black) signals, one panel
+    per feature, the observed prefix shaded (thesis Fig. 6.5)."""
+    n_steps, n_features = actual.shape
+    names = list(feature_names) + [f"x{d}" for d in range(len(feature_names), n_features)]
+    cols = min(n_features, 4)
+    rows = int(np.ceil(n_features / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    steps = np.arange(n_steps)
+    for d, ax in enumerate(axes.flat):
+        if d >= n_features:
+            ax.axis("off")
+            continue
+        for s in range(generated.shape[0]):
+            ax.plot(steps, generated[s, :, d], color="tab:orange", alpha=0.5, linewidth=0.9,
+                    label="generated" if s == 0 else None)
+        ax.plot(steps, actual[:, d], color="black", linewidth=1.4, label="actual")
+        ax.axvspan(-0.5, n_prefix - 0.5, color="grey", alpha=0.2, label="observed")
+        ax.set_title(names[d])
+        ax.set_xlabel("step")
+    axes.flat[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

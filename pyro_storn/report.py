@@ -1,0 +1,124 @@
+"""A Markdown report over one or more STORN run directories: a metrics table and figures."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data.pendulum import ACTION_FEATURE, FEATURES
+from .plots import plot_flow_terms, plot_generation, plot_losses
+from .runs import EVALUATION_NAME, GENERATED_NAME, read_run_config
+from .training import read_metrics
+
+__all__ = ["run_summary", "write_report", "format_table"]
+
+
+def run_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The numbers of a run: config, last epoch's metrics, test bounds (when evaluated)."""
+    run_dir = Path(run_dir)
+    record = read_run_config(run_dir)
+    history = read_metrics(run_dir)
+    if not history:
+        raise ValueError(f"{str(run_dir)!r} has no completed epoch in its metrics.jsonl")
+    last = history[-1]
+    config = record["config"]
+    summary: dict[str, Any] = {
+        "flow": config["flow"], "flow_length": config["flow_length"],
+        "epochs": last["epoch"], "seed": config["seed"],
+        "train_time_s": float(sum(r.get("epoch_seconds", 0.0) for r in history)),
+        "train_neg_elbo": last.get("train/neg_elbo"), "test_neg_elbo_1": last.get("test/neg_elbo"),
+        "kl": last.get("test/kl"), "recon_nll": last.get("test/recon_nll"),
+        "sum_log_det": last.get("test/sum_log_det"), "n_steps": record["data"]["n_steps"],
+    }
+    evaluation_path = run_dir / EVALUATION_NAME
+    if evaluation_path.exists():
+        evaluation = json.loads(evaluation_path.read_text())
+        for key in ("neg_elbo_mean", "neg_elbo_sd", "neg_iwae_mean", "neg_iwae_sd",
+                    "neg_elbo_per_step", "neg_iwae_per_step", "num_samples"):
+            summary[f"test_{key}"] = evaluation[key]
+    return summary
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_table(summaries: Mapping[str, dict[str, Any]]) -> str:
+    """One Markdown row per run."""
+    header = ("| run | flow | K | epochs | train -ELBO | test -ELBO | test -IWAE (S) | "
+              "test -ELBO / step | test -IWAE / step | KL | Σ log-det | train time (s) |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for name, s in summaries.items():
+        iwae = (f"{_fmt(s.get('test_neg_iwae_mean'))} ({s['test_num_samples']})"
+                if "test_num_samples" in s else "–")
+        lines.append(
+            f"| {name} | {s['flow']} | {s['flow_length']} | {s['epochs']} | "
+            f"{_fmt(s['train_neg_elbo'])} | {_fmt(s.get('test_neg_elbo_mean'))} | {iwae} | "
+            f"{_fmt(s.get('test_neg_elbo_per_step'), 4)} | "
+            f"{_fmt(s.get('test_neg_iwae_per_step'), 4)} | {_fmt(s['kl'])} | "
+            f"{_fmt(s['sum_log_det'])} | {_fmt(s['train_time_s'], 0)} |"
+        )
+    return "\n".join(lines)
+
+
+def _feature_names(n_features: int) -> list[str]:
+    names = list(FEATURES) if n_features >= len(FEATURES) else []
+    if n_features == len(FEATURES) + 1:
+        names.append(ACTION_FEATURE)
+    return names
+
+
+def write_report(
+    run_dirs: Mapping[str, str | os.PathLike],
+    out: str | os.PathLike,
+    title: str = "STORN on the inverted pendulum",
+    notes: str = "",
+) -> Path:
+    """Write ``out`` (Markdown) with a table over ``run_dirs`` (name -> directory) and figures
+    in ``<out dir>/figures``: losses, flow terms, and generated against actual signals for
+    every run that has ``generated.npz``."""
+    out = Path(out)
+    figures = out.parent / "figures"
+    summaries = {name: run_summary(path) for name, path in run_dirs.items()}
+    histories = {name: read_metrics(path) for name, path in run_dirs.items()}
+    parts = [f"# {title}", ""]
+    if notes:
+        parts += [notes, ""]
+    parts += [
+        "Losses in nats (negated bounds; lower is better). Train -ELBO, KL and Σ log-det are "
+        "the last epoch's single-sample averages over the sets; test -ELBO and -IWAE use S "
+        "importance samples per sequence.", "", format_table(summaries), "",
+    ]
+    loss_png = plot_losses(histories, figures / "losses.png")
+    parts += ["## Training curves (Savitzky-Golay smoothed)", "",
+              f"![losses]({loss_png.relative_to(out.parent)})", ""]
+    flow_png = plot_flow_terms(histories, figures / "flow_terms.png")
+    parts += ["## Flow terms over training", "",
+              "E[log q0(z0)], E[log qK(zK)] = E[log q0] - E[Σ log|det J|], and the prior "
+              "E[log p(zK)] on the training set.", "",
+              f"![flow terms]({flow_png.relative_to(out.parent)})", ""]
+    for name, path in run_dirs.items():
+        generated_path = Path(path) / GENERATED_NAME
+        if not generated_path.exists():
+            continue
+        with np.load(generated_path) as data:
+            actual, generated, n_prefix = data["actual"], data["generated"], int(data["n_prefix"])
+        png = plot_generation(actual[0], generated[:, 0], n_prefix,
+                              _feature_names(actual.shape[-1]),
+                              figures / f"generation_{name}.png", title=name)
+        parts += [f"## Generated vs actual: {name}", "",
+                  f"Observed the first {n_prefix} step(s) of a test sequence, generated the "
+                  f"rest {generated.shape[0]} times with z from the prior.", "",
+                  f"![generation {name}]({png.relative_to(out.parent)})", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts))
+    return out

@@ -1,0 +1,257 @@
+"""A STORN run directory: train, reload, evaluate and generate, the functions behind the CLI,
+the demo and the examples.
+
+A run directory holds ``config.json`` (the :class:`TrainConfig`, the model's constructor
+arguments and which data file, with its sha256), ``metrics.jsonl`` (one line per epoch),
+``checkpoint.pt`` (and ``checkpoint.pt.prev``), then ``evaluation.json`` and ``generated.npz``
+once evaluated and generated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+
+import transforms
+
+from .checkpoint import load_checkpoint
+from .data.sequences import SequenceData, load_sequences
+from .evaluation import evaluate_bounds, sequence_metrics
+from .storn import RNN_TYPES, STORN
+from .training import CHECKPOINT_NAME, FitResult, fit
+
+__all__ = [
+    "TrainConfig",
+    "CONFIG_NAME",
+    "EVALUATION_NAME",
+    "GENERATED_NAME",
+    "build_storn",
+    "train",
+    "load_run",
+    "load_run_data",
+    "evaluate_run",
+    "generate_run",
+]
+
+CONFIG_NAME = "config.json"
+EVALUATION_NAME = "evaluation.json"
+GENERATED_NAME = "generated.npz"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a STORN training run (the CLI's ``train`` flags)."""
+
+    flow: str = "none"
+    flow_length: int = 0
+    latent_dim: int = 2
+    hidden_dim: int = 128
+    epochs: int = 10
+    batch_size: int = 20
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "cpu"
+    num_particles: int = 1
+    clip_norm: float = 10.0
+    kl_anneal_epochs: int = 0
+    checkpoint_every: int = 1
+    rnn: str = "gru"
+    condition_flow: bool = True
+
+    def validate(self) -> "TrainConfig":
+        """``ValueError`` naming the first bad value; the config itself otherwise."""
+        positive = ("latent_dim", "hidden_dim", "epochs", "batch_size", "num_particles",
+                    "checkpoint_every")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("flow_length", "kl_anneal_epochs", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.clip_norm, (int, float)) and self.clip_norm > 0):
+            raise ValueError(f"clip_norm must be a positive number, got {self.clip_norm!r}")
+        if self.rnn not in RNN_TYPES:
+            raise ValueError(f"unknown rnn {self.rnn!r}; valid choices: {', '.join(RNN_TYPES)}")
+        if self.flow != "none":
+            transforms.info(self.flow)  # ValueError naming the valid choices
+            if self.flow_length < 1:
+                raise ValueError(f"flow {self.flow!r} needs flow_length >= 1, got "
+                                 f"{self.flow_length}")
+        elif self.flow_length != 0:
+            raise ValueError(f"flow_length {self.flow_length} given without a flow (--flow)")
+        device = str(self.device)
+        if device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {device!r}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        return self
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def build_storn(input_dim: int, config: TrainConfig) -> STORN:
+    return STORN(
+        input_dim, config.latent_dim, config.hidden_dim,
+        flow=None if config.flow == "none" else config.flow, flow_length=config.flow_length,
+        condition_flow=config.condition_flow, rnn=config.rnn,
+    )
+
+
+def _make_loss(config: TrainConfig) -> pyro.infer.ELBO:
+    # Without a flow the KL of two Gaussians is exact: the lower-variance mean-field ELBO.
+    elbo = pyro.infer.TraceMeanField_ELBO if config.flow == "none" else pyro.infer.Trace_ELBO
+    return elbo(num_particles=config.num_particles, max_plate_nesting=1)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tensors(data: SequenceData) -> tuple[torch.Tensor, ...]:
+    return (torch.from_numpy(data.x), torch.from_numpy(data.mask),
+            torch.from_numpy(data.x_test), torch.from_numpy(data.mask_test))
+
+
+def train(
+    data: SequenceData,
+    run_dir: str | os.PathLike,
+    config: TrainConfig,
+    *,
+    data_path: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> FitResult:
+    """Train STORN on ``data`` into ``run_dir``; on ``resume`` the stored config is used, with
+    ``config.epochs`` as the new total."""
+    run_dir = Path(run_dir)
+    if resume:
+        stored = json.loads((run_dir / CONFIG_NAME).read_text())
+        config = TrainConfig.from_dict({**stored["config"], "epochs": config.epochs})
+    config.validate()
+    x, mask, x_test, mask_test = _tensors(data)
+    pyro.set_rng_seed(config.seed)
+    storn = build_storn(data.input_dim, config)
+    storn.set_data_statistics(x, mask)
+    storn.to(config.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "config": asdict(config),
+        "model": storn.config(),
+        "data": {
+            "path": None if data_path is None else str(Path(data_path).resolve()),
+            "sha256": None if data_path is None else _sha256(Path(data_path)),
+            "n_train": int(x.shape[0]), "n_test": int(x_test.shape[0]),
+            "n_steps": int(x.shape[1]), "input_dim": data.input_dim,
+        },
+    }
+    (run_dir / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+
+    def before_epoch(epoch: int) -> None:
+        if config.kl_anneal_epochs:
+            storn.kl_weight = min(1.0, (epoch + 1) / config.kl_anneal_epochs)
+
+    def epoch_metrics(epoch: int) -> dict[str, Any]:
+        metrics: dict[str, Any] = {"kl_weight": storn.kl_weight}
+        for split, (xs, ms) in (("train", (x, mask)), ("test", (x_test, mask_test))):
+            values = sequence_metrics(storn, xs, ms)
+            metrics.update({f"{split}/{name}": value for name, value in values.items()})
+        return metrics
+
+    optim = pyro.optim.Adam({"lr": config.lr}, {"clip_norm": config.clip_norm})
+    return fit(
+        storn.model, storn.guide, storn, optim, _make_loss(config), (x, mask),
+        epochs=config.epochs, batch_size=config.batch_size, run_dir=run_dir, seed=config.seed,
+        device=config.device, epoch_metrics=epoch_metrics, before_epoch=before_epoch,
+        checkpoint_every=config.checkpoint_every, resume=resume, progress=progress,
+        extra_state={"model": storn.config()},
+    )
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise ValueError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_NAME})")
+    return json.loads(path.read_text())
+
+
+def load_run(run_dir: str | os.PathLike, device: str | None = None) -> tuple[STORN, dict]:
+    """The trained STORN of ``run_dir`` (from its checkpoint) and the run's config record."""
+    record = read_run_config(run_dir)
+    checkpoint = Path(run_dir) / CHECKPOINT_NAME
+    if not checkpoint.exists() and not checkpoint.with_name(CHECKPOINT_NAME + ".prev").exists():
+        raise ValueError(f"{str(run_dir)!r} has no checkpoint yet (train it first)")
+    device = device or record["config"]["device"]
+    model_args = dict(record["model"])
+    storn = STORN(**model_args)
+    storn.load_state_dict(load_checkpoint(checkpoint, map_location="cpu")["module"])
+    return storn.to(device).eval(), record
+
+
+def load_run_data(record: dict[str, Any]) -> SequenceData:
+    """The data a run was trained on, checked against the sha256 recorded at training time."""
+    path = record["data"]["path"]
+    if path is None or not Path(path).is_file():
+        raise ValueError(f"the run's data file {path!r} is gone; cannot evaluate")
+    if _sha256(Path(path)) != record["data"]["sha256"]:
+        raise ValueError(f"the run's data file {path!r} changed since training (sha256 differs)")
+    return load_sequences(path)
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike, num_samples: int = 100, seed: int = 0, device: str | None = None
+) -> dict[str, Any]:
+    """Test -ELBO and -IWAE (``num_samples``) per sequence and per step, written to
+    ``evaluation.json``, with the last epoch's training metrics alongside."""
+    storn, record = load_run(run_dir, device)
+    data = load_run_data(record)
+    pyro.set_rng_seed(seed)
+    result = evaluate_bounds(storn, torch.from_numpy(data.x_test),
+                             torch.from_numpy(data.mask_test), num_samples=num_samples)
+    summary = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}
+    (Path(run_dir) / EVALUATION_NAME).write_text(json.dumps(summary) + "\n")
+    return summary
+
+
+def generate_run(
+    run_dir: str | os.PathLike,
+    n_prefix: int = 1,
+    n_sequences: int = 4,
+    num_samples: int = 5,
+    seed: int = 0,
+    device: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Observe the first ``n_prefix`` steps of the first ``n_sequences`` test sequences and
+    generate the rest ``num_samples`` times; writes ``generated.npz`` (``actual`` (B, T, D),
+    ``generated`` (S, B, T, D), ``mask``, ``n_prefix``)."""
+    storn, record = load_run(run_dir, device)
+    data = load_run_data(record)
+    n_steps = data.x_test.shape[1]
+    if not 1 <= n_prefix < n_steps:
+        raise ValueError(f"prefix length must be in [1, {n_steps - 1}], got {n_prefix}")
+    actual = torch.from_numpy(data.x_test[:n_sequences])
+    pyro.set_rng_seed(seed)
+    generated = storn.generate(actual[:, :n_prefix].to(storn.data_loc.device), n_steps,
+                               num_samples=num_samples)
+    out = {"actual": actual.numpy(), "generated": generated.cpu().numpy(),
+           "mask": data.mask_test[:n_sequences], "n_prefix": np.array(n_prefix)}
+    np.savez(Path(run_dir) / GENERATED_NAME, **out)
+    return out
