@@ -1,0 +1,30 @@
+"""The benchmark suite runs end to end on tiny sizes and writes its JSON and markdown (what CI
+checks of it: no timing is ever asserted)."""
+
+import json
+
+from benchmarks.__main__ import SUITES, main
+
+
+def test_every_suite_runs_once_and_writes_json(tmp_path):
+    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "benchmarks_smoke.json").read_text())
+    assert set(results["suites"]) == set(SUITES)
+    assert results["machine"]["torch"]
+    markdown = (tmp_path / "benchmarks_smoke.md").read_text()
+    for name in SUITES:
+        assert f"## {name}" in markdown
+    transforms_rows = results["suites"]["transforms"]["results"]["throughput"]
+    assert transforms_rows and all(row["ratio"] > 0 for row in transforms_rows)
+    assert results["suites"]["storn"]["results"]["step"][0]["plain"]["median_s"] > 0
+
+
+def test_cuda_without_a_gpu_is_refused(tmp_path, capsys):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --device cuda is valid here")
+    assert main(["--smoke", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "cuda" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
