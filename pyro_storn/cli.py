@@ -1,4 +1,4 @@
-"""``pyro-storn``: simulate the pendulum, train / evaluate STORN, generate, report.
+"""``pyro-storn``: simulate the pendulum, train / evaluate / diagnose STORN, generate, report.
 
 Every subcommand has ``--help``. Bad input exits 2 with one line on stderr and writes nothing:
 all arguments and the data are validated before any file or directory is created. The work is
@@ -60,6 +60,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _particle_batch_option(parser: argparse.ArgumentParser, samples_flag: str) -> None:
+    from .runs import ROWS_PER_PASS
+
+    parser.add_argument("--particle-batch-size", type=_positive_int, default=None,
+                        help=f"draws per vectorised pass, bounding memory; must divide "
+                        f"{samples_flag} (default: the most that keep draws x test sequences "
+                        f"<= {ROWS_PER_PASS})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyro-storn", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -106,11 +115,35 @@ def build_parser() -> argparse.ArgumentParser:
                    "--batch-size is per process; without torchrun it runs as one process; "
                    "see docs/distributed.md")
 
-    p = sub.add_parser("evaluate", help="test -ELBO and IWAE bound of a trained run",
-                       description="Test -ELBO and -IWAE per sequence and per step; writes "
-                       "evaluation.json into the run directory.")
+    p = sub.add_parser("evaluate", help="test -ELBO, IWAE bound and PSIS k-hat of a trained run",
+                       description="Test -ELBO and -IWAE per sequence and per step, and the "
+                       "importance diagnostics of the guide on the test split: Pareto k-hat per "
+                       "sequence and joint (above 0.7 the guide's importance weights are "
+                       "unreliable), the IWAE bound and the importance-weight ESS. Writes "
+                       "evaluation.json (the diagnostics under \"psis\") into the run directory.")
     p.add_argument("run_dir")
     p.add_argument("--samples", type=_positive_int, default=100, help="importance samples S")
+    p.add_argument("--psis-samples", type=_positive_int, default=100,
+                   help="draws per test sequence for k-hat, IWAE and ESS (>= 2); equal to "
+                   "--samples, one set of draws serves both (default: 100)")
+    _particle_batch_option(p, "--psis-samples")
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the training device)")
+
+    p = sub.add_parser("diagnose", help="ArviZ InferenceData and diagnostic figures of a run",
+                       description="Draw S latents per test sequence from the trained guide, "
+                       "score them under the model and write into --out: inference_data.nc "
+                       "(ArviZ netCDF, read with arviz.from_netcdf: posterior z with dims "
+                       "(chain, draw, sequence, time, latent), posterior predictive and pointwise "
+                       "log-likelihood of x, observed data, log importance weights in "
+                       "sample_stats), importance.json (PSIS k-hat, IWAE, ESS), khat.png (k-hat "
+                       "per test sequence), log_weights.png and pair.png (the first sequence's "
+                       "first-step latents).")
+    p.add_argument("run_dir", help="a run directory written by `pyro-storn train`")
+    p.add_argument("--num-samples", type=_positive_int, default=100,
+                   help="draws S per test sequence (>= 2; default: 100)")
+    _particle_batch_option(p, "--num-samples")
+    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/diagnostics)")
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: the training device)")
 
@@ -197,15 +230,39 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_draws(samples: int, batch: int | None, flag: str) -> None:
+    if samples < 2:
+        raise _InputError(f"{flag} must be >= 2 (PSIS k-hat needs two draws or more), got "
+                          f"{samples}")
+    if batch is not None and samples % batch:
+        raise _InputError(f"--particle-batch-size {batch} does not divide {flag} {samples}")
+
+
 def _evaluate(args: argparse.Namespace) -> None:
+    from .diagnostics import ImportanceSummary
     from .runs import evaluate_run
 
     _check_device(args.device)
+    _check_draws(args.psis_samples, args.particle_batch_size, "--psis-samples")
     result = evaluate_run(args.run_dir, num_samples=args.samples, seed=args.seed,
-                          device=args.device)
+                          device=args.device, psis_samples=args.psis_samples,
+                          particle_batch_size=args.particle_batch_size)
     print(f"test -ELBO {result['neg_elbo_mean']:.3f} ± {result['neg_elbo_sd']:.3f} per sequence "
           f"({result['neg_elbo_per_step']:.4f} per step); -IWAE({args.samples}) "
           f"{result['neg_iwae_mean']:.3f} ({result['neg_iwae_per_step']:.4f} per step)")
+    print("PSIS diagnostics of the guide on the test split:")
+    print(ImportanceSummary.from_dict(result["psis"]).format())
+
+
+def _diagnose(args: argparse.Namespace) -> None:
+    from .runs import diagnose_run
+
+    _check_device(args.device)
+    _check_draws(args.num_samples, args.particle_batch_size, "--num-samples")
+    paths = diagnose_run(args.run_dir, args.out, num_samples=args.num_samples,
+                         particle_batch_size=args.particle_batch_size, seed=args.seed,
+                         device=args.device)
+    print(f"wrote {', '.join(str(path) for path in paths.values())}")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -250,7 +307,7 @@ def _one_line_warnings(command: str):
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = {"simulate": _simulate, "train": _train, "evaluate": _evaluate,
-               "generate": _generate, "report": _report}[args.command]
+               "diagnose": _diagnose, "generate": _generate, "report": _report}[args.command]
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warnings(args.command)

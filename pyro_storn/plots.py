@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.signal import savgol_filter  # noqa: E402
 
-__all__ = ["smooth", "plot_losses", "plot_flow_terms", "plot_generation"]
+__all__ = ["smooth", "plot_losses", "plot_flow_terms", "plot_generation", "plot_khat_per_sequence"]
 
 # Savitzky-Golay: a quadratic over about a fifth of the curve, at least 5 points.
 _SAVGOL_ORDER = 2
@@ -125,4 +125,18 @@ def plot_generation(
     axes.flat[0].legend(fontsize=7)
     if title:
         fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_khat_per_sequence(
+    khats: Sequence[float] | np.ndarray, path: str | os.PathLike, title: str = ""
+) -> Path:
+    """PSIS :math:`\\hat k` of each test sequence's importance weights
+    (:func:`pyro_storn.diagnostics.plot_khat`), the 0.5 / 0.7 / 1 thresholds drawn."""
+    from .diagnostics import plot_khat
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    plot_khat(np.asarray(khats, dtype=float), item_name="test sequence", ax=ax)
+    if title:
+        ax.set_title(f"{title}: {ax.get_title()}", fontsize=9)
     return _save(fig, path)

@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 
 from .data.pendulum import ACTION_FEATURE, FEATURES
-from .plots import plot_flow_terms, plot_generation, plot_losses
+from .diagnostics import KHAT_THRESHOLD
+from .plots import plot_flow_terms, plot_generation, plot_khat_per_sequence, plot_losses
 from .runs import EVALUATION_NAME, GENERATED_NAME, read_run_config
 from .training import read_metrics
 
-__all__ = ["run_summary", "write_report", "format_table"]
+__all__ = ["run_summary", "write_report", "format_table", "khat_sentence"]
 
 
 def run_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -41,6 +42,16 @@ def run_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
         for key in ("neg_elbo_mean", "neg_elbo_sd", "neg_iwae_mean", "neg_iwae_sd",
                     "neg_elbo_per_step", "neg_iwae_per_step", "num_samples"):
             summary[f"test_{key}"] = evaluation[key]
+        psis = evaluation.get("psis")
+        if psis is not None:
+            summary["psis_num_samples"] = psis["num_samples"]
+            summary["psis_khat"] = psis["khat"]
+            summary["psis_ess"] = psis["ess"]
+            # per sequence, a loss like the table's other bounds
+            summary["psis_neg_iwae"] = -psis["iwae"] / evaluation["n_sequences"]
+            if psis.get("khat_per_item") is not None:
+                summary["psis_khat_per_sequence"] = psis["khat_per_item"]
+                summary["psis_ess_per_sequence"] = psis["ess_per_item"]
     return summary
 
 
@@ -55,17 +66,23 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def format_table(summaries: Mapping[str, dict[str, Any]]) -> str:
     """One Markdown row per run."""
     header = ("| run | flow | K | epochs | train -ELBO | test -ELBO | test -IWAE (S) | "
-              "test -ELBO / step | test -IWAE / step | KL | Σ log-det | train time (s) |")
+              "test -ELBO / step | test -IWAE / step | KL | Σ log-det | PSIS k̂ (joint) | "
+              "PSIS -IWAE (S) | PSIS ESS (joint) | train time (s) |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for name, s in summaries.items():
         iwae = (f"{_fmt(s.get('test_neg_iwae_mean'))} ({s['test_num_samples']})"
                 if "test_num_samples" in s else "–")
+        psis_iwae, psis_ess = "–", "–"
+        if "psis_num_samples" in s:
+            psis_iwae = f"{_fmt(s['psis_neg_iwae'])} ({s['psis_num_samples']})"
+            psis_ess = f"{_fmt(s['psis_ess'], 1)} of {s['psis_num_samples']}"
         lines.append(
             f"| {name} | {s['flow']} | {s['flow_length']} | {s['epochs']} | "
             f"{_fmt(s['train_neg_elbo'])} | {_fmt(s.get('test_neg_elbo_mean'))} | {iwae} | "
             f"{_fmt(s.get('test_neg_elbo_per_step'), 4)} | "
             f"{_fmt(s.get('test_neg_iwae_per_step'), 4)} | {_fmt(s['kl'])} | "
-            f"{_fmt(s['sum_log_det'])} | {_fmt(s['train_time_s'], 0)} |"
+            f"{_fmt(s['sum_log_det'])} | {_fmt(s.get('psis_khat'))} | {psis_iwae} | "
+            f"{psis_ess} | {_fmt(s['train_time_s'], 0)} |"
         )
     return "\n".join(lines)
 
@@ -77,6 +94,38 @@ def _feature_names(n_features: int) -> list[str]:
     return names
 
 
+def khat_sentence(khats: Any) -> str:
+    """"M of N test sequences have k̂ > 0.7"."""
+    khats = np.asarray(khats, dtype=float)
+    above = int(np.sum(khats > KHAT_THRESHOLD))
+    return f"{above} of {khats.size} test sequences have k̂ > {KHAT_THRESHOLD}"
+
+
+def _khat_sections(
+    summaries: Mapping[str, dict[str, Any]], figures: Path, report_dir: Path
+) -> list[str]:
+    """A k̂-per-sequence figure and sentence for every evaluated run with PSIS diagnostics."""
+    parts: list[str] = []
+    for name, s in summaries.items():
+        khats = s.get("psis_khat_per_sequence")
+        if khats is None:
+            continue
+        khats = np.asarray(khats, dtype=float)
+        png = plot_khat_per_sequence(khats, figures / f"khat_{name}.png", title=name)
+        parts += [
+            f"## PSIS k̂ per test sequence: {name}", "",
+            f"{khat_sentence(khats)} (S = {s['psis_num_samples']} draws from the guide per "
+            f"sequence; k̂ max {np.max(khats):.2f}, median {np.median(khats):.2f}; "
+            f"importance ESS per sequence median "
+            f"{np.median(s['psis_ess_per_sequence']):.1f} of {s['psis_num_samples']}). "
+            f"Above {KHAT_THRESHOLD} the guide's importance weights for that sequence have too "
+            f"heavy a tail to trust (Yao et al. 2018). The joint k̂ in the table treats the "
+            f"whole test set as one draw, so it grows with the number of sequences.", "",
+            f"![k-hat {name}]({png.relative_to(report_dir)})", "",
+        ]
+    return parts
+
+
 def write_report(
     run_dirs: Mapping[str, str | os.PathLike],
     out: str | os.PathLike,
@@ -84,8 +133,9 @@ def write_report(
     notes: str = "",
 ) -> Path:
     """Write ``out`` (Markdown) with a table over ``run_dirs`` (name -> directory) and figures
-    in ``<out dir>/figures``: losses, flow terms, and generated against actual signals for
-    every run that has ``generated.npz``."""
+    in ``<out dir>/figures``: losses, flow terms, PSIS k̂ per test sequence for every run
+    evaluated with PSIS diagnostics, and generated against actual signals for every run that
+    has ``generated.npz``."""
     out = Path(out)
     figures = out.parent / "figures"
     summaries = {name: run_summary(path) for name, path in run_dirs.items()}
@@ -96,7 +146,9 @@ def write_report(
     parts += [
         "Losses in nats (negated bounds; lower is better). Train -ELBO, KL and Σ log-det are "
         "the last epoch's single-sample averages over the sets; test -ELBO and -IWAE use S "
-        "importance samples per sequence.", "", format_table(summaries), "",
+        "importance samples per sequence. PSIS k̂, -IWAE (per sequence) and ESS come from "
+        "`pyro-storn evaluate`'s importance draws on the test split (k̂ and ESS of the joint "
+        "weights of all test sequences; per sequence below).", "", format_table(summaries), "",
     ]
     loss_png = plot_losses(histories, figures / "losses.png")
     parts += ["## Training curves (Savitzky-Golay smoothed)", "",
@@ -106,6 +158,7 @@ def write_report(
               "E[log q0(z0)], E[log qK(zK)] = E[log q0] - E[Σ log|det J|], and the prior "
               "E[log p(zK)] on the training set.", "",
               f"![flow terms]({flow_png.relative_to(out.parent)})", ""]
+    parts += _khat_sections(summaries, figures, out.parent)
     for name, path in run_dirs.items():
         generated_path = Path(path) / GENERATED_NAME
         if not generated_path.exists():

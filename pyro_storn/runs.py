@@ -4,7 +4,8 @@ the demo and the examples.
 A run directory holds ``config.json`` (the :class:`TrainConfig`, the model's constructor
 arguments and which data file, with its sha256), ``metrics.jsonl`` (one line per epoch),
 ``checkpoint.pt`` (and ``checkpoint.pt.prev``), then ``evaluation.json`` and ``generated.npz``
-once evaluated and generated.
+once evaluated and generated, and ``diagnostics/`` (ArviZ InferenceData and figures) once
+diagnosed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import transforms
 
 from .checkpoint import load_checkpoint
 from .data.sequences import SequenceData, load_sequences
+from .diagnostics import ImportanceDraws, draw_importance_samples, summarize_importance
+from .diagnostics import write_diagnostics
 from .evaluation import evaluate_bounds, sequence_metrics
 from .storn import RNN_TYPES, STORN
 from .training import CHECKPOINT_NAME, FitResult, fit
@@ -38,12 +41,24 @@ __all__ = [
     "load_run",
     "load_run_data",
     "evaluate_run",
+    "diagnose_run",
+    "default_particle_batch_size",
     "generate_run",
+    "STORN_DIMS",
 ]
 
 CONFIG_NAME = "config.json"
 EVALUATION_NAME = "evaluation.json"
 GENERATED_NAME = "generated.npz"
+DIAGNOSTICS_DIR = "diagnostics"
+
+# Names of the dims of STORN's sites (after ArviZ's chain and draw) in the InferenceData.
+STORN_DIMS = {"z": ["sequence", "time", "latent"], "x": ["sequence", "time", "feature"]}
+# Rows (draws x test sequences) per vectorised pass of the importance draws when no particle
+# batch size is given: the bound evaluation.evaluate_bounds keeps, so S = 100 fits on any device.
+ROWS_PER_PASS = 4096
+# The generalized Pareto fit behind k-hat needs at least two draws.
+MIN_PSIS_SAMPLES = 2
 
 
 @dataclass
@@ -216,19 +231,140 @@ def load_run_data(record: dict[str, Any]) -> SequenceData:
     return load_sequences(path)
 
 
+def default_particle_batch_size(num_samples: int, n_items: int, rows: int = ROWS_PER_PASS) -> int:
+    """The largest divisor ``B`` of ``num_samples`` with ``B * n_items <= rows`` (at least 1):
+    draws per vectorised pass that keep memory bounded whatever ``num_samples``."""
+    cap = max(1, rows // max(1, n_items))
+    return max(d for d in range(1, min(num_samples, cap) + 1) if num_samples % d == 0)
+
+
+def _check_draw_sizes(num_samples: Any, particle_batch_size: Any, name: str) -> None:
+    """``ValueError`` naming the value, before anything is loaded or written."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) \
+            or num_samples < MIN_PSIS_SAMPLES:
+        raise ValueError(f"{name} must be an int >= {MIN_PSIS_SAMPLES} (PSIS k-hat needs at "
+                         f"least two draws), got {num_samples!r}")
+    if particle_batch_size is None:
+        return
+    if isinstance(particle_batch_size, bool) or not isinstance(particle_batch_size, int) \
+            or particle_batch_size < 1 or num_samples % particle_batch_size:
+        raise ValueError(f"particle batch size must be a positive int dividing {name}="
+                         f"{num_samples}, got {particle_batch_size!r}")
+
+
+def _test_split(storn: STORN, data: SequenceData) -> tuple[torch.Tensor, torch.Tensor]:
+    device = storn.data_loc.device
+    return (torch.from_numpy(data.x_test).to(device),
+            torch.from_numpy(data.mask_test).to(device))
+
+
+def _importance_draws(
+    storn: STORN, x: torch.Tensor, mask: torch.Tensor, num_samples: int,
+    particle_batch_size: int | None,
+) -> ImportanceDraws:
+    batch = particle_batch_size or default_particle_batch_size(num_samples, x.shape[0])
+    return draw_importance_samples(storn.model, storn.guide, x, mask, num_samples=num_samples,
+                                   particle_batch_size=batch, max_plate_nesting=1)
+
+
+def _bounds_from_draws(draws: ImportanceDraws, iwae_per_sequence: np.ndarray,
+                       mask: torch.Tensor) -> dict[str, Any]:
+    """:func:`~pyro_storn.evaluation.evaluate_bounds`'s numbers from importance draws already
+    taken: the per-sequence log-weights are the same ``log p(x|z) + log p(z) - log q(z|x)``."""
+    neg_elbo = -draws.log_weights_per_item.double().mean(0).numpy()
+    neg_iwae = -np.asarray(iwae_per_sequence, dtype=float)
+    n_steps = mask.sum(-1).cpu().numpy().astype(np.int64)
+    total_steps = int(n_steps.sum())
+    return {
+        "num_samples": draws.num_samples,
+        "n_sequences": int(neg_elbo.shape[0]),
+        "neg_elbo": neg_elbo,
+        "neg_iwae": neg_iwae,
+        "n_steps": n_steps,
+        "neg_elbo_mean": float(neg_elbo.mean()),
+        "neg_elbo_sd": float(neg_elbo.std()),
+        "neg_iwae_mean": float(neg_iwae.mean()),
+        "neg_iwae_sd": float(neg_iwae.std()),
+        "neg_elbo_per_step": float(neg_elbo.sum() / total_steps),
+        "neg_iwae_per_step": float(neg_iwae.sum() / total_steps),
+    }
+
+
 def evaluate_run(
-    run_dir: str | os.PathLike, num_samples: int = 100, seed: int = 0, device: str | None = None
+    run_dir: str | os.PathLike,
+    num_samples: int = 100,
+    seed: int = 0,
+    device: str | None = None,
+    psis_samples: int | None = 100,
+    particle_batch_size: int | None = None,
 ) -> dict[str, Any]:
-    """Test -ELBO and -IWAE (``num_samples``) per sequence and per step, written to
-    ``evaluation.json``, with the last epoch's training metrics alongside."""
+    """Test -ELBO and -IWAE (``num_samples``) per sequence and per step, and the PSIS
+    diagnostics of the guide on the test split, written to ``evaluation.json``.
+
+    :param psis_samples: draws per test sequence for Pareto :math:`\hat k` (per sequence and
+        joint), the IWAE bound and the importance ESS, stored as
+        :meth:`ImportanceSummary.to_dict` under ``"psis"``. When it equals ``num_samples`` the
+        bounds are computed from the same draws (one pass, not two). ``None``: no PSIS.
+    :param particle_batch_size: draws per vectorised pass of the PSIS draws (must divide
+        ``psis_samples``); default: as many as keep draws x sequences within
+        :data:`ROWS_PER_PASS`.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if psis_samples is not None:
+        _check_draw_sizes(psis_samples, particle_batch_size, "psis_samples")
     storn, record = load_run(run_dir, device)
+    # A checkpoint taken during KL annealing may carry kl_weight < 1, which would scale log q
+    # and log p(z) inside the importance weights: evaluate the model itself.
+    storn.kl_weight = 1.0
     data = load_run_data(record)
+    x_test, mask_test = _test_split(storn, data)
     pyro.set_rng_seed(seed)
-    result = evaluate_bounds(storn, torch.from_numpy(data.x_test),
-                             torch.from_numpy(data.mask_test), num_samples=num_samples)
+    if psis_samples == num_samples:  # one set of draws serves the bounds and the diagnostics
+        draws = _importance_draws(storn, x_test, mask_test, psis_samples, particle_batch_size)
+        importance = summarize_importance(draws)
+        result = _bounds_from_draws(draws, importance.iwae_per_item, mask_test)
+    else:
+        result = evaluate_bounds(storn, x_test, mask_test, num_samples=num_samples)
+        importance = None
+        if psis_samples is not None:
+            importance = summarize_importance(
+                _importance_draws(storn, x_test, mask_test, psis_samples, particle_batch_size))
     summary = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}
+    if importance is not None:
+        summary["psis"] = importance.to_dict()
     (Path(run_dir) / EVALUATION_NAME).write_text(json.dumps(summary) + "\n")
     return summary
+
+
+def diagnose_run(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    num_samples: int = 100,
+    particle_batch_size: int | None = None,
+    seed: int = 0,
+    device: str | None = None,
+) -> dict[str, Path]:
+    """ArviZ InferenceData and diagnostic figures of a trained run's guide on the test split,
+    by :func:`~pyro_storn.diagnostics.write_diagnostics`, into ``out_dir`` (default
+    ``RUN_DIR/diagnostics``): ``inference_data.nc`` (posterior ``z`` with dims (chain, draw,
+    sequence, time, latent), posterior predictive and pointwise log-likelihood of ``x``, the
+    data, log-weights), ``importance.json``, ``khat.png``, ``log_weights.png``, ``pair.png``.
+    Returns ``{kind: path}``. Everything is checked before ``out_dir`` is created."""
+    _check_draw_sizes(num_samples, particle_batch_size, "num_samples")
+    storn, record = load_run(run_dir, device)
+    storn.kl_weight = 1.0  # as in evaluate_run: the model's own weights, not annealed ones
+    data = load_run_data(record)
+    out_dir = Path(run_dir) / DIAGNOSTICS_DIR if out_dir is None else Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output {str(out_dir)!r} exists and is not a directory")
+    x_test, mask_test = _test_split(storn, data)
+    batch = particle_batch_size or default_particle_batch_size(num_samples, x_test.shape[0])
+    pyro.set_rng_seed(seed)
+    return write_diagnostics(
+        out_dir, storn.model, storn.guide, x_test, mask_test, num_samples=num_samples,
+        particle_batch_size=batch, item_name="sequence", dims=STORN_DIMS,
+    )
 
 
 def generate_run(

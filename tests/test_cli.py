@@ -13,7 +13,7 @@ import pytest
 import transforms
 from pyro_storn.cli import main
 
-SUBCOMMANDS = ("simulate", "train", "evaluate", "generate", "report")
+SUBCOMMANDS = ("simulate", "train", "evaluate", "diagnose", "generate", "report")
 TINY = ["--hidden-dim", "6", "--epochs", "2", "--batch-size", "4", "--quiet"]
 
 
@@ -119,6 +119,7 @@ def test_bad_data_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, arr
         (["simulate", "--out", "x.txt"], "--out must end in .npz"),
         (["simulate", "--out", "S.npz", "--n-sequences", "1"], "cannot split 1 sequence"),
         (["evaluate", "R"], "is not a run directory"),
+        (["diagnose", "R"], "is not a run directory"),
         (["generate", "R"], "is not a run directory"),
         (["report", "R"], "is not a run directory"),
         (["frobnicate"], "invalid choice"),

@@ -87,7 +87,8 @@ class ActNorm(ConditionedActNorm, TransformModule):
     through the inverse (density estimation, data entering on the ``y`` side),
     :math:`\mathbf{s} = \mathrm{sd}(\mathbf{y}) + \epsilon`, :math:`\mathbf{b} = \bar{\mathbf{y}}/\mathbf{s}`.
     It happens once: the buffer ``initialized`` records it, travels in ``state_dict``, and a
-    loaded layer is not initialised again. A first batch of a single vector carries no statistics
+    loaded layer is not initialised again (the forward pass reads a plain Python mirror of the
+    buffer, refreshed whenever a state dict is loaded, so it never syncs with the device). A first batch of a single vector carries no statistics
     (e.g. a guide that draws one sample at a time): the layer then stays the identity. Under
     ``torch.jit.trace`` no initialisation is recorded: run one batch
     before tracing (Pyro's ``JitTrace_ELBO`` runs the guide once untraced first).
@@ -113,6 +114,10 @@ class ActNorm(ConditionedActNorm, TransformModule):
         self.loc = nn.Parameter(torch.empty(input_dim))
         self.log_scale = nn.Parameter(torch.empty(input_dim))
         self.register_buffer("initialized", torch.tensor(False))
+        # Mirror of the buffer read by every forward: bool() of a CUDA tensor would wait for
+        # the device on each call. Kept in step by reset_parameters, the initialisation and
+        # _load_from_state_dict.
+        self._initialized_flag = False
         self.reset_parameters()
 
     def _loc_and_log_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,9 +129,14 @@ class ActNorm(ConditionedActNorm, TransformModule):
             self.loc.zero_()
             self.log_scale.zero_()
             self.initialized.fill_(False)
+        self._initialized_flag = False
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self._initialized_flag = bool(self.initialized)  # one sync per load, not per forward
 
     def _initialize_once(self, batch: torch.Tensor, *, outputs_of_forward: bool) -> None:
-        if torch.jit.is_tracing() or bool(self.initialized):
+        if torch.jit.is_tracing() or self._initialized_flag:
             return
         with torch.no_grad():
             flat = batch.detach().reshape(-1, batch.size(-1))
@@ -142,6 +152,7 @@ class ActNorm(ConditionedActNorm, TransformModule):
             # else: one vector carries no statistics (e.g. a guide drawing one sample at a time);
             # the layer keeps the identity rather than shifting by a random draw
             self.initialized.fill_(True)
+        self._initialized_flag = True
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
         self._initialize_once(x, outputs_of_forward=True)

@@ -145,6 +145,24 @@ class ImportanceSummary:
             out["ess_per_item"] = self.ess_per_item.tolist()
         return out
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ImportanceSummary":
+        """The summary that :meth:`to_dict` wrote (e.g. read back from ``evaluation.json``)."""
+        per_item = {
+            name: (np.asarray(values[name], dtype=float) if name in values else None)
+            for name in ("khat_per_item", "iwae_per_item", "ess_per_item")
+        }
+        return cls(
+            num_samples=int(values["num_samples"]),
+            elbo=float(values["elbo"]),
+            iwae=float(values["iwae"]),
+            iwae_joint=float(values["iwae_joint"]),
+            khat=float(values["khat"]),
+            ess=float(values["ess"]),
+            item_plate=values.get("item_plate"),
+            **per_item,
+        )
+
     def format(self) -> str:
         """A few lines for a terminal (``pyro-storn evaluate``)."""
         lines = [
