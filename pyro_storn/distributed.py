@@ -39,7 +39,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -479,7 +479,7 @@ def train_distributed(
     if it created it. On ``resume`` the stored config is used with ``config.epochs`` as the
     new total, as in the single-process path."""
     from .evaluation import sequence_metrics
-    from .runs import CONFIG_NAME, TrainConfig, _make_loss, _sha256, build_storn
+    from .runs import CONFIG_NAME, TrainConfig, _make_loss, build_storn, run_record
 
     run_dir = Path(run_dir)
     if resume:
@@ -498,14 +498,7 @@ def train_distributed(
         if env.is_primary:
             run_dir.mkdir(parents=True, exist_ok=True)
             record = {
-                "config": asdict(config),
-                "model": storn.config(),
-                "data": {
-                    "path": None if data_path is None else str(Path(data_path).resolve()),
-                    "sha256": None if data_path is None else _sha256(Path(data_path)),
-                    "n_train": int(x.shape[0]), "n_test": int(x_test.shape[0]),
-                    "n_steps": int(x.shape[1]), "input_dim": data.input_dim,
-                },
+                **run_record(config, storn, data, data_path),
                 "distributed": {
                     "world_size": env.world_size, "batch_size_per_rank": config.batch_size,
                     "effective_batch_size": config.batch_size * env.world_size,

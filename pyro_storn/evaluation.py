@@ -23,7 +23,7 @@ import torch
 from .flow_terms import FlowTerms, flow_terms
 from .storn import STORN
 
-__all__ = ["sample_terms", "sequence_metrics", "evaluate_bounds", "METRIC_NAMES"]
+__all__ = ["sample_terms", "sequence_metrics", "evaluate_bounds", "bounds_summary", "METRIC_NAMES"]
 
 METRIC_NAMES = (
     "neg_elbo", "neg_elbo_per_step", "recon_nll", "kl", "log_q0", "log_qK", "sum_log_det",
@@ -101,6 +101,13 @@ def evaluate_bounds(
     neg_elbo = -torch.cat(elbo).numpy()
     neg_iwae = -torch.cat(iwae).numpy()
     n_steps = torch.cat(steps).numpy().astype(np.int64)
+    return bounds_summary(neg_elbo, neg_iwae, n_steps, num_samples)
+
+
+def bounds_summary(
+    neg_elbo: np.ndarray, neg_iwae: np.ndarray, n_steps: np.ndarray, num_samples: int
+) -> dict[str, Any]:
+    """Per-sequence -ELBO and -IWAE with their means, sds and per-step values (observed steps)."""
     total_steps = int(n_steps.sum())
     return {
         "num_samples": num_samples,

@@ -27,7 +27,7 @@ from .checkpoint import load_checkpoint
 from .data.sequences import SequenceData, load_sequences
 from .diagnostics import ImportanceDraws, draw_importance_samples, summarize_importance
 from .diagnostics import write_diagnostics
-from .evaluation import evaluate_bounds, sequence_metrics
+from .evaluation import bounds_summary, evaluate_bounds, sequence_metrics
 from .storn import RNN_TYPES, STORN
 from .training import CHECKPOINT_NAME, FitResult, fit
 
@@ -146,6 +146,23 @@ def _tensors(data: SequenceData) -> tuple[torch.Tensor, ...]:
             torch.from_numpy(data.x_test), torch.from_numpy(data.mask_test))
 
 
+def run_record(
+    config: TrainConfig, storn: STORN, data: SequenceData, data_path: str | os.PathLike | None
+) -> dict[str, Any]:
+    """What ``config.json`` holds: the config, the model's constructor arguments, and which data
+    (path, sha256, sizes)."""
+    return {
+        "config": asdict(config),
+        "model": storn.config(),
+        "data": {
+            "path": None if data_path is None else str(Path(data_path).resolve()),
+            "sha256": None if data_path is None else _sha256(Path(data_path)),
+            "n_train": int(data.x.shape[0]), "n_test": int(data.x_test.shape[0]),
+            "n_steps": int(data.x.shape[1]), "input_dim": data.input_dim,
+        },
+    }
+
+
 def train(
     data: SequenceData,
     run_dir: str | os.PathLike,
@@ -168,16 +185,7 @@ def train(
     storn.set_data_statistics(x, mask)
     storn.to(config.device)
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = {
-        "config": asdict(config),
-        "model": storn.config(),
-        "data": {
-            "path": None if data_path is None else str(Path(data_path).resolve()),
-            "sha256": None if data_path is None else _sha256(Path(data_path)),
-            "n_train": int(x.shape[0]), "n_test": int(x_test.shape[0]),
-            "n_steps": int(x.shape[1]), "input_dim": data.input_dim,
-        },
-    }
+    record = run_record(config, storn, data, data_path)
     (run_dir / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
     def before_epoch(epoch: int) -> None:
@@ -274,20 +282,7 @@ def _bounds_from_draws(draws: ImportanceDraws, iwae_per_sequence: np.ndarray,
     neg_elbo = -draws.log_weights_per_item.double().mean(0).numpy()
     neg_iwae = -np.asarray(iwae_per_sequence, dtype=float)
     n_steps = mask.sum(-1).cpu().numpy().astype(np.int64)
-    total_steps = int(n_steps.sum())
-    return {
-        "num_samples": draws.num_samples,
-        "n_sequences": int(neg_elbo.shape[0]),
-        "neg_elbo": neg_elbo,
-        "neg_iwae": neg_iwae,
-        "n_steps": n_steps,
-        "neg_elbo_mean": float(neg_elbo.mean()),
-        "neg_elbo_sd": float(neg_elbo.std()),
-        "neg_iwae_mean": float(neg_iwae.mean()),
-        "neg_iwae_sd": float(neg_iwae.std()),
-        "neg_elbo_per_step": float(neg_elbo.sum() / total_steps),
-        "neg_iwae_per_step": float(neg_iwae.sum() / total_steps),
-    }
+    return bounds_summary(neg_elbo, neg_iwae, n_steps, draws.num_samples)
 
 
 def evaluate_run(
