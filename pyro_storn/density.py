@@ -8,16 +8,20 @@ data's standardisation (so the flow sees unit-scale data and every number is in 
 empty :meth:`FlowDensity.guide` is maximum likelihood. :func:`fit_density` minimises the same
 negative log-likelihood on minibatches directly (``engine="torch"``, no per-step Pyro trace
 overhead) or through :class:`pyro.infer.SVI` (``engine="svi"``), under a wall-clock budget, and
-records the test NLL as training goes.
+records the test NLL as training goes. Given a validation set (carved from the training data, never
+the test set), it keeps the parameters of the evaluation with the best validation NLL.
 
->>> density = make_density("realnvp", train, length=8)            # doctest: +SKIP
->>> result = fit_density(density, train, test, max_seconds=30)    # doctest: +SKIP
->>> result.test_nll                                               # doctest: +SKIP
+>>> fit_data, validation = split(train, 0.2, seed=0)                         # doctest: +SKIP
+>>> density = make_density("realnvp", fit_data, length=8)                    # doctest: +SKIP
+>>> result = fit_density(density, fit_data, test, validation=validation,     # doctest: +SKIP
+...                      max_seconds=30, lr=1e-3, clip_norm=10.0)
+>>> result.test_nll, result.final_test_nll                                   # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -185,27 +189,44 @@ def test_nll(
 @dataclass
 class HistoryPoint:
     """One evaluation during training: seconds of training so far (evaluations excluded), the
-    step, the test NLL (nats/point), the last minibatch loss, and the function evaluations per
-    training solve (0 for discrete flows)."""
+    step, the test NLL (nats/point), the last minibatch loss, the function evaluations per
+    training solve (0 for discrete flows), and the validation NLL (``None`` without a
+    validation set)."""
 
     wall_time: float
     step: int
     test_nll: float
     train_loss: float
     nfe: int = 0
+    validation_nll: float | None = None
 
 
 @dataclass
 class FitResult:
-    """What :func:`fit_density` measured."""
+    """What :func:`fit_density` measured. ``selected`` is the index in ``history`` of the
+    evaluation whose parameters the density holds after the fit: the best validation NLL when a
+    validation set was given (and ``restore_best``), else the last."""
 
     history: list[HistoryPoint] = field(default_factory=list)
     steps: int = 0
     wall_time: float = 0.0
     eval_time: float = 0.0
+    selected: int = -1
+    stopped_early: bool = False
+
+    @property
+    def selected_point(self) -> HistoryPoint | None:
+        return self.history[self.selected] if self.history else None
 
     @property
     def test_nll(self) -> float:
+        """The test NLL of the parameters the density holds after the fit (the selected
+        evaluation: chosen on the validation set, never on the test set)."""
+        return self.history[self.selected].test_nll if self.history else math.nan
+
+    @property
+    def final_test_nll(self) -> float:
+        """The test NLL at the last evaluation, whatever the validation NLL said."""
         return self.history[-1].test_nll if self.history else math.nan
 
     def time_to(self, target_nll: float) -> float | None:
@@ -244,6 +265,10 @@ def fit_density(
     lr: float = 5e-3,
     schedule: str = "cosine",
     weight_decay: float = 0.0,
+    clip_norm: float | None = None,
+    validation: torch.Tensor | None = None,
+    restore_best: bool = True,
+    patience: int | None = None,
     train_solver: dict[str, Any] | None = None,
     eval_solver: dict[str, Any] | None = None,
     engine: str = "torch",
@@ -251,8 +276,18 @@ def fit_density(
     progress: bool = False,
 ) -> FitResult:
     """Maximum likelihood on minibatches of ``train`` with Adam until ``max_seconds`` of training
-    (evaluations not counted) or ``max_steps`` steps, whichever comes first; the test NLL is
-    measured every ``eval_every`` training seconds and at the end.
+    (evaluations not counted) or ``max_steps`` steps, whichever comes first; the test NLL (and
+    the validation NLL, given ``validation``) is measured every ``eval_every`` training seconds
+    and at the end.
+
+    :param clip_norm: rescale the gradient of all parameters together to at most this
+        Euclidean norm before each step (``None``: no clipping); ``engine="torch"`` only.
+    :param validation: held-out points from the *training* data; with ``restore_best`` the
+        density ends with the parameters of the evaluation with the lowest validation NLL, and
+        :attr:`FitResult.test_nll` is the test NLL of that evaluation. The test set never
+        chooses anything.
+    :param patience: stop once this many evaluations in a row have not improved the validation
+        NLL (needs ``validation``; ``None``: train the whole budget).
 
     :param train_solver: solver settings for continuous flows while training (e.g.
         ``{"method": "rk4", "step_size": 0.25}``); their own settings when ``None``.
@@ -272,6 +307,18 @@ def fit_density(
         raise ValueError(f"max_steps must be positive or None, got {max_steps!r}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size!r}")
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError(f"clip_norm must be positive or None, got {clip_norm!r}")
+    if clip_norm is not None and engine == "svi":
+        raise ValueError(
+            f"clip_norm={clip_norm!r} needs engine='torch' (Pyro's optimisers clip each "
+            "parameter separately, not the joint gradient norm)"
+        )
+    if patience is not None and (validation is None or patience <= 0):
+        raise ValueError(
+            f"patience must be a positive int and needs a validation set, got {patience!r}"
+            + ("" if validation is not None else " without validation")
+        )
     if engine == "svi" and _regularised(density):
         raise ValueError(
             "engine='svi' cannot add the CNF kinetic/Jacobian regularisers (Pyro scores the "
@@ -299,14 +346,34 @@ def fit_density(
     next_eval = eval_every
     loss_value = math.nan
     bar = tqdm(total=max_seconds, disable=not progress, unit="s", leave=False)
+    best_state: dict[str, torch.Tensor] | None = None
+    best_index: int | None = None  # in result.history, of the lowest finite validation NLL
+    evaluations_without_gain = 0
 
     def evaluate() -> None:
+        nonlocal best_state, best_index, evaluations_without_gain
         start = time.perf_counter()
         nll = test_nll(density, test, solver=eval_solver)
+        nfe = total_nfe(density)  # of the test-set solve, before the validation one
+        validation_nll = None
+        if validation is not None:
+            validation_nll = test_nll(density, validation, solver=eval_solver)
+            # NaN never counts as an improvement; the first finite value always does.
+            if math.isfinite(validation_nll) and (
+                best_index is None or validation_nll < result.history[best_index].validation_nll
+            ):
+                best_index = len(result.history)
+                evaluations_without_gain = 0
+                if restore_best:
+                    best_state = copy.deepcopy(density.state_dict())
+            else:
+                evaluations_without_gain += 1
         result.eval_time += time.perf_counter() - start
         result.history.append(
-            HistoryPoint(train_time, result.steps, nll, loss_value, total_nfe(density))
+            HistoryPoint(train_time, result.steps, nll, loss_value, nfe, validation_nll)
         )
+        restored = restore_best and best_index is not None
+        result.selected = best_index if restored else len(result.history) - 1
         bar.set_postfix(step=result.steps, test_nll=f"{nll:.3f}")
         density.train()
 
@@ -328,6 +395,8 @@ def fit_density(
                 optimizer.zero_grad(set_to_none=True)
                 loss = -density.log_prob(batch).mean() + regulariser(density.flow)
                 loss.backward()
+                if clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(parameters, clip_norm)
                 optimizer.step()
                 loss_value = loss.item()
             else:
@@ -348,9 +417,14 @@ def fit_density(
         if train_time >= next_eval:
             evaluate()
             next_eval = train_time + eval_every
+            if patience is not None and evaluations_without_gain >= patience:
+                result.stopped_early = True
+                break
     result.wall_time = train_time
     if not result.history or result.history[-1].step != result.steps:
         evaluate()
+    if best_state is not None and result.selected != len(result.history) - 1:
+        density.load_state_dict(best_state)
     bar.close()
     density.eval()
     return result

@@ -38,6 +38,10 @@ PlanarParams = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # float64 over 1 + w.u_hat in [1e-30, 1e4] and |s| in [1e-8, 1e5]; these add a margin.
 _MAX_SOLVER_STEPS = {torch.float16: 20, torch.bfloat16: 20, torch.float32: 32, torch.float64: 64}
 
+# w.u at which the reparameterised u_hat equals u (softplus(w.u) = 1 + w.u): log(e - 1). The
+# near-identity initialisation puts w.u there, so that w.u_hat = 0 and the layer is a shear.
+_IDENTITY_W_DOT_U = math.log(math.e - 1.0)
+
 # Eager early stop: a Newton step this many ulps of (1 + |a|) or smaller means converged. The
 # final differentiable Newton step taken after the solve refines the root once more.
 _CONVERGED_ULPS = 4.0
@@ -247,7 +251,26 @@ class Planar(ConditionedPlanar, TransformModule):
     >>> density.log_prob(torch.randn(5, 2)).shape      # any point, not only samples
     torch.Size([5])
 
+    Initialisation. By default (``init_scale=None``) as Pyro's: :math:`\mathbf{u},
+    \mathbf{w} \sim U(-1/\sqrt{D}, 1/\sqrt{D})`, :math:`b = 0`. That layer is *not* close to
+    the identity, whatever the scale of :math:`\mathbf{u}, \mathbf{w}`: near
+    :math:`\mathbf{w}^T\mathbf{u} = 0` the reparameterisation gives
+    :math:`\mathbf{w}^T\hat{\mathbf{u}} = \log 2 - 1`, so each layer contracts by 0.69 along
+    :math:`\mathbf{w}` near its hyperplane, and a deep stack (e.g. 32 layers for a density)
+    starts far from any sensible map. ``init_scale=s`` (a number :math:`\ge 0`) starts near the
+    identity instead: :math:`\mathbf{w}` a random unit vector, :math:`b = 0`, and
+    :math:`\mathbf{u}` with :math:`\mathbf{w}^T\mathbf{u} = \log(e - 1)`, where
+    :math:`\hat{\mathbf{u}}` is :math:`\mathbf{u}` less its component along :math:`\mathbf{w}`,
+    so :math:`\mathbf{w}^T\hat{\mathbf{u}} = 0`: the layer is the volume-preserving shear
+    :math:`\mathbf{x} + \hat{\mathbf{u}}\tanh(\mathbf{w}^T\mathbf{x})` with
+    :math:`\hat{\mathbf{u}} \perp \mathbf{w}` of entries :math:`U(-s/\sqrt{D}, s/\sqrt{D})`
+    before the projection (the identity itself when :math:`s = 0` or :math:`D = 1`).
+
+    >>> stack = transforms.flow("planar", 2, 32, init_scale=0.1)   # near the identity
+
     :param input_dim: the size :math:`D` of the vectors transformed.
+    :param init_scale: ``None`` for Pyro's initialisation, or the scale :math:`s \ge 0` of the
+        near-identity one (see above); :meth:`reset_parameters` uses it.
 
     References:
 
@@ -261,11 +284,19 @@ class Planar(ConditionedPlanar, TransformModule):
     autoregressive = False
     volume_preserving = False
 
-    def __init__(self, input_dim: int) -> None:
+    def __init__(self, input_dim: int, init_scale: float | None = None) -> None:
         if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim <= 0:
             raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
+        if init_scale is not None and not (
+            isinstance(init_scale, (int, float))
+            and not isinstance(init_scale, bool)
+            and math.isfinite(init_scale)
+            and init_scale >= 0
+        ):
+            raise ValueError(f"init_scale must be None or a finite number >= 0, got {init_scale!r}")
         super().__init__(self._module_params)
         self.input_dim = input_dim
+        self.init_scale = init_scale
         self.bias = nn.Parameter(torch.empty(1))
         self.u = nn.Parameter(torch.empty(input_dim))
         self.w = nn.Parameter(torch.empty(input_dim))
@@ -275,14 +306,27 @@ class Planar(ConditionedPlanar, TransformModule):
         return self.bias, self.u, self.w
 
     def reset_parameters(self) -> None:
-        """``u, w ~ U(-1/sqrt(D), 1/sqrt(D))``, ``b = 0``, as :class:`torch.nn.Linear` scales."""
+        """``u, w ~ U(-1/sqrt(D), 1/sqrt(D))``, ``b = 0``, as :class:`torch.nn.Linear` scales,
+        when ``init_scale`` is ``None``; the near-identity shear of the class docstring
+        otherwise."""
         bound = 1.0 / math.sqrt(self.input_dim)
-        nn.init.uniform_(self.u, -bound, bound)
-        nn.init.uniform_(self.w, -bound, bound)
         nn.init.zeros_(self.bias)
+        if self.init_scale is None:
+            nn.init.uniform_(self.u, -bound, bound)
+            nn.init.uniform_(self.w, -bound, bound)
+            return
+        with torch.no_grad():
+            # A unit w (not a small one): the correction in u_hat divides by |w|^2, so a small w
+            # would make u's component along w, and its gradients, large.
+            nn.init.normal_(self.w)
+            self.w.div_(self.w.norm().clamp_min(torch.finfo(self.w.dtype).tiny))
+            nn.init.uniform_(self.u, -self.init_scale * bound, self.init_scale * bound)
+            w_dot_u = (self.w * self.u).sum()
+            self.u.add_((_IDENTITY_W_DOT_U - w_dot_u) * self.w)
 
     def extra_repr(self) -> str:
-        return f"input_dim={self.input_dim}, nonlinearity=tanh"
+        init = "" if self.init_scale is None else f", init_scale={self.init_scale}"
+        return f"input_dim={self.input_dim}, nonlinearity=tanh{init}"
 
 
 class ConditionalPlanar(ConditionalTransformModule):
@@ -344,6 +388,7 @@ def conditional_planar(
     conditional=conditional_planar,
     description="Planar flow (Rezende & Mohamed 2015) with an exact inverse at every point",
 )
-def planar(input_dim: int) -> Planar:
-    """One :class:`Planar` layer acting on ``input_dim``-vectors."""
-    return Planar(input_dim)
+def planar(input_dim: int, init_scale: float | None = None) -> Planar:
+    """One :class:`Planar` layer acting on ``input_dim``-vectors; ``init_scale`` as in
+    :class:`Planar` (``None``: Pyro's initialisation; a number: near the identity)."""
+    return Planar(input_dim, init_scale=init_scale)
