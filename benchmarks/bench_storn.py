@@ -66,7 +66,7 @@ def _contenders(flow: str, length: int, device: torch.device) -> dict[str, Calla
     }
 
 
-def _step_ratio(flow: str, length: int, batch: int, n_steps: int, repeats: int, warmup: int, device):
+def _step_ratio(what: str, flow: str, length: int, batch: int, n_steps: int, repeats: int, warmup: int, device):
     timings = time_interleaved(
         _contenders(flow, length, device),
         lambda: torch.randn(batch, n_steps, INPUT_DIM, device=device),
@@ -75,6 +75,7 @@ def _step_ratio(flow: str, length: int, batch: int, n_steps: int, repeats: int, 
         device=device,
     )
     return {
+        "what": what,
         "flow": f"{flow} x{length}" if length else flow,
         "batch": batch,
         "T": n_steps,
@@ -115,22 +116,22 @@ def _epoch_time(device: torch.device, smoke: bool) -> dict[str, Any]:
 def run(*, smoke: bool = False, device: torch.device | str = "cpu") -> tuple[dict[str, Any], str]:
     device = torch.device(device)
     repeats, warmup = (1, 0) if smoke else (21, 3)
-    base = [_step_ratio(flow, k, 20 if not smoke else 4, 100 if not smoke else 10, repeats, warmup, device)
+    base = [_step_ratio("thesis setting", flow, k, 20 if not smoke else 4, 100 if not smoke else 10, repeats, warmup, device)
             for flow, k in CONFIGS]
-    scaling_t = [] if smoke else [_step_ratio("radial", 4, 20, t, max(repeats // 2, 5), 2, device) for t in (100, 1000)]
-    scaling_b = [] if smoke else [_step_ratio("radial", 4, b, 100, max(repeats // 2, 5), 2, device) for b in (20, 200, 2000)]
+    scaling_t = [] if smoke else [_step_ratio("scaling in T", "radial", 4, 20, t, max(repeats // 2, 5), 2, device) for t in (100, 1000)]
+    scaling_b = [] if smoke else [_step_ratio("scaling in batch", "radial", 4, b, 100, max(repeats // 2, 5), 2, device) for b in (20, 200, 2000)]
     epoch = _epoch_time(device, smoke)
     lines = [
         "### STORN SVI step: Pyro model/guide + Trace_ELBO against the same networks in plain PyTorch",
         "",
         f"Input dim {INPUT_DIM}, latent {LATENT_DIM}, hidden {HIDDEN_DIM} (GRU), clipped Adam; target ratio <= 1.10.",
         "",
-        "| flow | batch | T | Pyro median ms (min-max) | plain median ms (min-max) | ratio |",
-        "|---|---|---|---|---|---|",
+        "| measurement | flow | batch | T | Pyro median ms (min-max) | plain median ms (min-max) | ratio |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in base + scaling_t + scaling_b:
         lines.append(
-            f"| {row['flow']} | {row['batch']} | {row['T']} | {_ms(row['pyro'])} | {_ms(row['plain'])} | {row['ratio']:.2f} |"
+            f"| {row['what']} | {row['flow']} | {row['batch']} | {row['T']} | {_ms(row['pyro'])} | {_ms(row['plain'])} | {row['ratio']:.2f} |"
         )
     lines += [
         "",

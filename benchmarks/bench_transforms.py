@@ -25,7 +25,9 @@ LENGTH = 8
 PYRO_TWINS: dict[str, Callable[[int], Any]] = {
     "planar": pyro_transforms.planar,
     "radial": pyro_transforms.radial,
-    "householder": pyro_transforms.householder,
+    # ours defaults to D reflections per layer (any orthogonal map); Pyro's to 1: compare like
+    # with like
+    "householder": lambda dim: pyro_transforms.householder(dim, count_transforms=dim),
     "iaf": pyro_transforms.affine_autoregressive,
     "realnvp": pyro_transforms.affine_coupling,
 }
