@@ -22,11 +22,11 @@ from pyro.distributions.transforms import AffineAutoregressive as PyroAffineAuto
 from pyro.distributions.transforms import AffineCoupling as PyroAffineCoupling
 
 import transforms
+from flow_helpers import move_parameters as _move, conditioned as _transform
 from transforms.autoregressive import SIGMOID_BIAS, soft_bound
 from transforms.coupling import AdditiveCoupling, AffineCoupling
 
 CONTEXT_DIM = 3
-PARAM_NOISE = 0.5
 LOGDET_TOL = 1e-9  # float64, a handful of operations: far tighter than the contract's 1e-6
 ROUNDTRIP_TOL = 1e-10
 
@@ -59,18 +59,6 @@ def _id(case) -> str:
 def _build(name, kwargs, dim, conditional):
     layer = transforms.build(name, dim, context_dim=CONTEXT_DIM if conditional else None, **kwargs)
     return layer.double()
-
-
-def _move(layer, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in layer.parameters():
-            noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
-            parameter.add_(PARAM_NOISE * noise)
-
-
-def _transform(layer, context):
-    return layer.condition(context) if context is not None else layer
 
 
 def _autograd_logdet(transform, x_vector: torch.Tensor) -> torch.Tensor:

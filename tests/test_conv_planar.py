@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import transforms
+from flow_helpers import move_parameters as _move, conditioned as _transform
 import transforms.conv_planar as cp
 from transforms.conv_planar import ConditionedConvPlanar, ConvPlanar
 
 SEQ_LEN, LATENT, KERNEL, CONTEXT = 25, 2, 3, 4
-PARAM_NOISE = 0.5
 LOGDET_TOL = 1e-6
 ROUNDTRIP_RTOL = {torch.float64: 1e-10, torch.float32: 1e-6}
 
@@ -23,18 +23,6 @@ def _layer(causal: bool, conditional: bool, kernel_size: int = KERNEL, dtype=tor
     name = "conv_planar" if causal else "conv_planar_centered"
     context_dim = CONTEXT if conditional else None
     return transforms.build(name, LATENT, context_dim=context_dim, kernel_size=kernel_size).to(dtype)
-
-
-def _move(layer, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in layer.parameters():
-            noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
-            parameter.add_(PARAM_NOISE * noise)
-
-
-def _transform(layer, context):
-    return layer.condition(context) if context is not None else layer
 
 
 def _jacobian(transform, x_event: torch.Tensor) -> torch.Tensor:

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import transforms
+from flow_helpers import move_parameters as _move, conditioned as _transform
 from transforms.glow import ACTNORM_EPS, ActNorm, LULinear
 from transforms.prelu import LOG_SLOPE_BOUND, PReLU
 
 CONTEXT_DIM = 3
-PARAM_NOISE = 0.5
 LOGDET_TOL = 1e-9
 
 CASES = [("actnorm", False), ("lu_linear", False), ("prelu", False), ("prelu", True)]
@@ -30,18 +30,6 @@ def _id(case) -> str:
 
 def _build(name, dim, conditional):
     return transforms.build(name, dim, context_dim=CONTEXT_DIM if conditional else None).double()
-
-
-def _move(layer, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in layer.parameters():
-            noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
-            parameter.add_(PARAM_NOISE * noise)
-
-
-def _transform(layer, context):
-    return layer.condition(context) if context is not None else layer
 
 
 @pytest.mark.parametrize("moved", [False, True], ids=["init", "moved"])

@@ -24,6 +24,7 @@ from pyro.distributions.transforms import Planar as PyroPlanar
 from pyro.distributions.transforms import Radial as PyroRadial
 
 import transforms
+from flow_helpers import move_parameters as _move, conditioned as _transform
 from transforms.planar import (
     ConditionalPlanar,
     ConditionedPlanar,
@@ -34,7 +35,6 @@ from transforms.planar import (
 from transforms.radial import ConditionalRadial, ConditionedRadial, Radial, conditional_radial
 
 CONTEXT_DIM = 3
-PARAM_NOISE = 0.5
 # The accuracy targets for the inverse.
 INVERSE_TOL = {torch.float32: 1e-6, torch.float64: 1e-10}
 LOGDET_TOL = 1e-9  # float64 against autograd slogdet; the contract asks 1e-6
@@ -45,18 +45,6 @@ FAMILIES = ["planar", "radial"]
 def _build(name: str, dim: int, conditional: bool, dtype: torch.dtype = torch.float64):
     layer = transforms.build(name, dim, context_dim=CONTEXT_DIM if conditional else None)
     return layer.to(dtype)
-
-
-def _move(layer, seed: int, scale: float = PARAM_NOISE) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in layer.parameters():
-            noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
-            parameter.add_(scale * noise)
-
-
-def _transform(layer, context):
-    return layer.condition(context) if context is not None else layer
 
 
 def _shift_size(transform) -> torch.Tensor:

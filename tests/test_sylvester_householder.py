@@ -18,12 +18,12 @@ import torch
 from pyro.distributions import ConditionalTransformedDistribution, TransformedDistribution
 
 import transforms
+from flow_helpers import move_parameters as _move_parameters, conditioned as _transform
 from transforms import sylvester as syl
 from transforms.householder import ConditionalHouseholder, Householder
 
 CONTEXT_DIM = 3
 DIMS = (1, 2, 5)
-PARAM_NOISE = 0.5
 LOGDET_TOL = 1e-6
 # the solver's accuracy targets, relative to 1 + |value|
 INVERSE_TOL = {torch.float64: 1e-10, torch.float32: 5e-6}
@@ -53,18 +53,6 @@ def _build(config: dict, dim: int, conditional: bool, dtype=torch.float64, condi
     kwargs = _kwargs(config, dim, conditional, condition_q)
     context_dim = CONTEXT_DIM if conditional else None
     return transforms.build("sylvester", dim, context_dim=context_dim, **kwargs).to(dtype)
-
-
-def _move_parameters(module: torch.nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
-            parameter.add_(PARAM_NOISE * noise)
-
-
-def _transform(layer, context):
-    return layer if context is None else layer.condition(context)
 
 
 def _autograd_logdet(transform, x: torch.Tensor) -> torch.Tensor:

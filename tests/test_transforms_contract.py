@@ -33,11 +33,11 @@ from pyro.infer import (
 from pyro.optim import Adam
 
 import transforms
+from flow_helpers import move_parameters as _move_parameters
 
 CONTEXT_DIM = 3
 SEQ_LEN = 25  # T of an event-dim-2 flow's (T, Z) event in the Jacobian checks (the T = 25)
 DIMS = (1, 2, 5)
-PARAM_NOISE = 0.5  # "moved far from initialisation": every parameter + N(0, 0.5^2)
 LOGDET_TOL = 1e-6
 ROUNDTRIP_TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
 LARGE = 1e3  # scale of "large |z|" inputs for the edge checks
@@ -95,14 +95,6 @@ TWO_D = [c for c in _cases(dims=(2,))]
 
 def _ids(cases):
     return [str(c) for c in cases]
-
-
-def _move_parameters(layer, generator_seed: int = 0) -> None:
-    generator = torch.Generator().manual_seed(generator_seed)
-    with torch.no_grad():
-        for parameter in layer.parameters():
-            noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
-            parameter.add_(PARAM_NOISE * noise)
 
 
 def _warm_up(case: Case, layer, dtype=torch.float64) -> None:
@@ -184,7 +176,7 @@ def test_a_logdet_matches_autograd_after_moving_parameters(case):
     torch.manual_seed(3)
     layer = case.build()
     _warm_up(case, layer)
-    _move_parameters(layer, generator_seed=4)
+    _move_parameters(layer, seed=4)
     _check_logdet(case, layer, seed=5)
 
 
@@ -210,7 +202,7 @@ def test_b_round_trips(case, dtype):
     torch.manual_seed(6)
     layer = case.build(dtype)
     _warm_up(case, layer, dtype)
-    _move_parameters(layer, generator_seed=7)
+    _move_parameters(layer, seed=7)
     batch = 16
     context = case.context((batch,), dtype)
     transform = case.transform(layer, context)
@@ -237,7 +229,7 @@ def test_c_log_prob_at_fresh_points_is_change_of_variables(case):
     torch.manual_seed(8)
     layer = case.build()
     _warm_up(case, layer)
-    _move_parameters(layer, generator_seed=9)
+    _move_parameters(layer, seed=9)
     batch = 3
     shape = case.event_shape()
     base = dist.Normal(torch.zeros(shape, dtype=torch.float64), 1.0).to_event(len(shape))
@@ -293,7 +285,7 @@ def test_d_density_integrates_to_one(case):
     torch.manual_seed(10)
     layer = case.build()
     _warm_up(case, layer)
-    _move_parameters(layer, generator_seed=11)
+    _move_parameters(layer, seed=11)
     # An event-dim-2 flow acts on a (T, Z) sequence: T = 1, Z = 2 is a 2-D density.
     shape = case.event_shape(seq_len=1)
     base = dist.Normal(torch.zeros(shape, dtype=torch.float64), 1.0).to_event(len(shape))
@@ -400,7 +392,7 @@ def test_state_dict_round_trip(case):
     torch.manual_seed(15)
     layer = case.build()
     _warm_up(case, layer)
-    _move_parameters(layer, generator_seed=16)
+    _move_parameters(layer, seed=16)
     torch.manual_seed(17)
     clone = case.build()
     clone.load_state_dict(layer.state_dict())
