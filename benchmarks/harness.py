@@ -28,6 +28,7 @@ class Timing:
 
     name: str
     seconds: list[float] = field(default_factory=list)
+    calls_per_repeat: int = 1
 
     @property
     def median(self) -> float:
@@ -48,6 +49,7 @@ class Timing:
             "min_s": self.min,
             "max_s": self.max,
             "repeats": len(self.seconds),
+            "calls_per_repeat": self.calls_per_repeat,
         }
 
 
@@ -64,23 +66,55 @@ def time_interleaved(
     repeats: int = 15,
     warmup: int = 2,
     device: torch.device | str = "cpu",
+    calls_per_repeat: int | str = 1,
 ) -> dict[str, Timing]:
     """Time each ``contender(input)``; one round calls every contender once, in an order that
-    alternates between rounds (A B, B A, ...) so slow drifts of the machine hit all alike."""
+    alternates between rounds (A B, B A, ...) so slow drifts of the machine hit all alike.
+
+    With ``calls_per_repeat = n > 1`` a repetition times ``n`` back-to-back calls, each on its
+    own fresh input (all made before the clock starts), and records the mean: a millisecond call
+    is then timed over tens of milliseconds, where the timer's and the scheduler's jitter are
+    small next to it. ``calls_per_repeat="auto"`` picks ``n`` so that a repetition of the fastest
+    contender lasts about ``AUTO_REPEAT_SECONDS`` (at most ``AUTO_MAX_CALLS`` calls), from one
+    untimed call of each."""
     names = list(contenders)
-    timings = {name: Timing(name) for name in names}
+    if calls_per_repeat == "auto":
+        calls_per_repeat = _auto_calls(contenders, make_input, device)
+    if isinstance(calls_per_repeat, bool) or not isinstance(calls_per_repeat, int) or calls_per_repeat < 1:
+        raise ValueError(f"calls_per_repeat must be an int >= 1 or 'auto', got {calls_per_repeat!r}")
+    timings = {name: Timing(name, calls_per_repeat=calls_per_repeat) for name in names}
     for round_index in range(warmup + repeats):
         order = names if round_index % 2 == 0 else names[::-1]
         for name in order:
-            inputs = make_input()
+            inputs = [make_input() for _ in range(calls_per_repeat)]
+            contender = contenders[name]
             synchronize(device)
             start = time.perf_counter()
-            contenders[name](inputs)
+            for value in inputs:
+                contender(value)
             synchronize(device)
-            elapsed = time.perf_counter() - start
+            elapsed = (time.perf_counter() - start) / calls_per_repeat
             if round_index >= warmup:
                 timings[name].seconds.append(elapsed)
     return timings
+
+
+# "auto" repetitions last about this long (timer and scheduler jitter are ~0.1 ms here), with
+# at most this many calls, so that one slow contender does not stretch a suite by minutes.
+AUTO_REPEAT_SECONDS = 0.02
+AUTO_MAX_CALLS = 20
+
+
+def _auto_calls(contenders: dict[str, Callable[[Any], Any]], make_input: Callable[[], Any], device) -> int:
+    fastest = float("inf")
+    for contender in contenders.values():
+        value = make_input()
+        synchronize(device)
+        start = time.perf_counter()
+        contender(value)
+        synchronize(device)
+        fastest = min(fastest, time.perf_counter() - start)
+    return max(1, min(AUTO_MAX_CALLS, round(AUTO_REPEAT_SECONDS / max(fastest, 1e-9))))
 
 
 def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -214,6 +214,20 @@ def test_soft_bound_keeps_values_and_slope_near_zero_and_saturates():
     assert soft_bound(v, None) is v
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-14), (torch.float32, 1e-6)])
+def test_soft_bound_is_b_tanh_v_over_b_to_rounding(dtype, tol):
+    # computed through a sigmoid (cheaper on CPU): the function and its slope are tanh's
+    v = torch.cat([torch.linspace(-40.0, 40.0, 2001), torch.logspace(-30, 1, 50)]).to(dtype)
+    v.requires_grad_(True)
+    bound = 3.0
+    ours = soft_bound(v, bound)
+    reference = bound * torch.tanh(v / bound)
+    torch.testing.assert_close(ours, reference, atol=tol * bound, rtol=0)
+    (slope,) = torch.autograd.grad(ours.sum(), v)
+    (reference_slope,) = torch.autograd.grad(reference.sum(), v)
+    torch.testing.assert_close(slope, reference_slope, atol=4 * tol, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["iaf", "maf"])
 def test_made_has_the_identity_order_and_a_seed_fixes_the_layer(name):
     torch.manual_seed(10)

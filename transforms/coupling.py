@@ -70,11 +70,17 @@ class _Coupling(Transform):
             )
         return v[..., : self.split_dim], v[..., self.split_dim :]
 
-    def _net(self, kept: torch.Tensor, whole: torch.Tensor) -> Any:
-        """The hypernet at ``kept``; reused only when ``whole`` is the tensor it was last run for."""
+    def _net(
+        self, kept: torch.Tensor, whole: torch.Tensor, finish: Callable[[Any], Any] | None = None
+    ) -> Any:
+        """The hypernet at ``kept``, passed through ``finish`` if given; reused only when
+        ``whole`` is the tensor it was last run for (so a log-det right after the forward call
+        neither reruns the network nor its output's post-processing)."""
         if whole is self._net_input and self._net_output is not None:
             return self._net_output
         output = self.nn(kept)
+        if finish is not None:
+            output = finish(output)
         self._net_input, self._net_output = whole, output
         return output
 
@@ -128,7 +134,10 @@ class ConditionedAffineCoupling(_Coupling):
     def _scale_shift(
         self, kept: torch.Tensor, whole: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, raw = self._net(kept, whole)
+        return self._net(kept, whole, self._bounded)
+
+    def _bounded(self, output: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, raw = output
         return soft_bound(raw, self.log_scale_bound), mean
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:

@@ -74,9 +74,10 @@ class ConditionedRadial(Transform):
         self._check_input(x, x0, "x")
         offset = x - x0
         radius = torch.linalg.vector_norm(offset, dim=-1, keepdim=True)
-        self._last_forward = (x, alpha, alpha_plus_beta, radius)
+        h = torch.reciprocal(alpha + radius)
+        self._last_forward = (x, alpha, alpha_plus_beta, radius, h)
         beta = alpha_plus_beta - alpha
-        return x + beta / (alpha + radius) * offset
+        return x + (beta * h) * offset
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         r"""The output radius :math:`r_y = r(r + \alpha + \beta)/(\alpha + r)` gives the
@@ -121,17 +122,19 @@ class ConditionedRadial(Transform):
         no cancellation as :math:`\beta \to -\alpha`, no overflow of :math:`r^2` for large
         :math:`|\mathbf{x}|`."""
         if self._last_forward is not None and self._last_forward[0] is x:
-            _, alpha, alpha_plus_beta, radius = self._last_forward
+            _, alpha, alpha_plus_beta, radius, h = self._last_forward
         else:
             x0, alpha, alpha_plus_beta = self._constrained_params()
             radius = torch.linalg.vector_norm(x - x0, dim=-1, keepdim=True)
-        input_dim = x.size(-1)
-        h = 1.0 / (alpha + radius)
+            h = torch.reciprocal(alpha + radius)
+        # r h + alpha h = 1 exactly; each is taken from its own product, never as 1 minus the
+        # other (which would cancel when one of them is small).
         radius_h = radius * h
         alpha_h = alpha * h
-        radial_factor = (radius + alpha_plus_beta) * h
-        normal_factor = radius_h * (1.0 + alpha_h) + alpha_h * alpha_plus_beta * h
-        log_det = (input_dim - 1) * torch.log(radial_factor) + torch.log(normal_factor)
+        alpha_plus_beta_h = alpha_plus_beta * h
+        radial_factor = radius_h + alpha_plus_beta_h
+        normal_factor = torch.addcmul(radius_h * (1.0 + alpha_h), alpha_h, alpha_plus_beta_h)
+        log_det = torch.add(torch.log(normal_factor), torch.log(radial_factor), alpha=x.size(-1) - 1)
         return log_det.squeeze(-1)
 
 

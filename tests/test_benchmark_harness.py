@@ -1,0 +1,41 @@
+"""The timing harness: interleaving, fresh inputs per call, and the calls-per-repeat option."""
+
+import pytest
+
+from benchmarks import harness
+from benchmarks.harness import time_interleaved
+
+
+def _recording_contenders(log):
+    return {name: (lambda value, name=name: log.append((name, value))) for name in ("a", "b")}
+
+
+def test_every_call_gets_its_own_input_and_rounds_alternate():
+    counter = iter(range(10_000))
+    log = []
+    timings = time_interleaved(
+        _recording_contenders(log), lambda: next(counter), repeats=3, warmup=1, calls_per_repeat=4
+    )
+    inputs = [value for _, value in log]
+    assert len(inputs) == len(set(inputs)) == 2 * 4 * 4  # (warmup + repeats) rounds, 2 contenders
+    names = [name for name, _ in log]
+    assert names[:8] == ["a"] * 4 + ["b"] * 4 and names[8:16] == ["b"] * 4 + ["a"] * 4
+    for timing in timings.values():
+        assert len(timing.seconds) == 3 and timing.calls_per_repeat == 4
+        assert timing.summary()["calls_per_repeat"] == 4
+
+
+def test_auto_calls_are_bounded_and_positive(monkeypatch):
+    log = []
+    timings = time_interleaved(_recording_contenders(log), object, repeats=1, warmup=0, calls_per_repeat="auto")
+    # a no-op contender is far faster than the target: the cap applies
+    assert timings["a"].calls_per_repeat == harness.AUTO_MAX_CALLS
+    monkeypatch.setattr(harness, "AUTO_REPEAT_SECONDS", 0.0)
+    timings = time_interleaved(_recording_contenders(log), object, repeats=1, warmup=0, calls_per_repeat="auto")
+    assert timings["a"].calls_per_repeat == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "many", True])
+def test_bad_calls_per_repeat_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match="calls_per_repeat"):
+        time_interleaved({"a": lambda v: None}, object, repeats=1, warmup=0, calls_per_repeat=bad)
