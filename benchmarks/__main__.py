@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .figures import draw_figures
 from .harness import machine_info, write_results
 
 SUITES = {
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         "is shared and noisy, so compare ratios within one run.",
         "",
     ]
+    figures = draw_figures(results, args.out, stem)
+    if figures:
+        sections.append("## Figures\n\n" + "\n\n".join(f"![{path.stem}]({path.name})" for path in figures) + "\n")
     write_results(results, args.out / f"{stem}.json", args.out / f"{stem}.md", "\n".join(header + sections))
     print(f"[benchmarks] wrote {args.out / (stem + '.md')} and {args.out / (stem + '.json')}")
     return 0

@@ -17,6 +17,14 @@ def test_every_suite_runs_once_and_writes_json(tmp_path):
     transforms_rows = results["suites"]["transforms"]["results"]["throughput"]
     assert transforms_rows and all(row["ratio"] > 0 for row in transforms_rows)
     assert results["suites"]["storn"]["results"]["step"][0]["plain"]["median_s"] > 0
+    # a figure per suite that has a curve to draw (the smoke skips STORN's scaling runs), linked
+    figures = sorted(path.name for path in tmp_path.glob("benchmarks_smoke_*.png"))
+    expected = {"transform_ratios", "conv_planar_scaling", "density_race"}
+    if results["suites"]["storn"]["results"].get("scaling_T"):
+        expected.add("storn_scaling")
+    assert figures == sorted(f"benchmarks_smoke_{name}.png" for name in expected)
+    for name in figures:
+        assert f"]({name})" in markdown
 
 
 def test_cuda_without_a_gpu_is_refused(tmp_path, capsys):
