@@ -32,7 +32,11 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m pyro_storn.demo
 
+# The bench extra (normflows, zuko: timed beside our flows) goes in with torch pinned to the
+# build already installed from TORCH_SPEC (a conflict then fails, never pulls another torch; the
+# pin needs no index, so a TORCH_SPEC with --index-url cannot hide PyPI from these).
 bench: $(STAMP)
+	$(PIP) install -q -e ".[dev,mnist,bench]" "torch==$$($(PY) -c 'import torch; print(torch.__version__)')"
 	$(PY) -m benchmarks
 
 clean:

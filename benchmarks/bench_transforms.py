@@ -14,6 +14,7 @@ import torch
 
 import transforms
 
+from .external_twins import EXTERNAL_TWINS, TWIN_NOTES, TwinStack
 from .harness import Timing, time_interleaved
 
 __all__ = ["run"]
@@ -31,6 +32,9 @@ PYRO_TWINS: dict[str, Callable[[int], Any]] = {
     "iaf": pyro_transforms.affine_autoregressive,
     "realnvp": pyro_transforms.affine_coupling,
 }
+# MAF's forward (sampling) direction is D sequential network passes per layer: at D = 64 one
+# stack call takes seconds and the three-way comparison minutes, so it stops at 16.
+EXTERNAL_MAX_DIM = {"maf": 16}
 INVERSE_FLOWS = ("planar", "radial", "sylvester", "conv_planar")
 CONV_SEQ_LEN = 100  # T of the (B, T, Z) sequences fed to conv_planar
 
@@ -114,6 +118,62 @@ def _throughput(dims: tuple[int, ...], batch: int, repeats: int, warmup: int, ca
     return rows
 
 
+def _twin_contender(stack: TwinStack, mode: str) -> Callable[[torch.Tensor], None]:
+    def forward(x: torch.Tensor) -> None:
+        with torch.no_grad():
+            stack.forward_and_logdet(x)
+
+    def backward(x: torch.Tensor) -> None:
+        y, log_det = stack.forward_and_logdet(x)
+        (y.sum() + log_det.sum()).backward()
+
+    return forward if mode == "forward+logdet" else backward
+
+
+def _external(dims: tuple[int, ...], batch: int, repeats: int, warmup: int, calls: int | str, device: torch.device):
+    """Ours against normflows / zuko (whichever is installed: an optional extra)."""
+    rows = []
+    for name, builders in EXTERNAL_TWINS.items():
+        if name not in transforms.available():
+            continue
+        for dim in dims:
+            if dim < transforms.info(name).min_input_dim or dim > EXTERNAL_MAX_DIM.get(name, dim):
+                continue
+            ours = list(transforms.flow(name, dim, LENGTH).to(device).parts)
+            twins = {}
+            for library, build in builders.items():
+                try:
+                    twins[library] = build(dim, LENGTH).to(device)
+                except ValueError:  # e.g. normflows' couplings need an even dim
+                    continue
+            if not twins:
+                continue
+
+            def make_input() -> torch.Tensor:
+                return torch.randn(batch, dim, device=device)
+
+            for mode, contender in (("forward+logdet", _forward_contender), ("forward+backward", _backward_contender)):
+                contenders = {"ours": contender(ours)}
+                contenders.update({library: _twin_contender(stack, mode) for library, stack in twins.items()})
+                timings = time_interleaved(
+                    contenders, make_input, repeats=repeats, warmup=warmup, device=device, calls_per_repeat=calls
+                )
+                for library in twins:
+                    rows.append(
+                        {
+                            "flow": name,
+                            "library": library,
+                            "dim": dim,
+                            "mode": mode,
+                            "ours": timings["ours"].summary(),
+                            "theirs": timings[library].summary(),
+                            "ratio": timings["ours"].median / timings[library].median,
+                            "note": TWIN_NOTES.get((name, library), ""),
+                        }
+                    )
+    return rows
+
+
 def _inverse_cost(batch: int, repeats: int, warmup: int, calls: int | str, device: torch.device):
     rows = []
     for name in INVERSE_FLOWS:
@@ -154,6 +214,7 @@ def run(*, smoke: bool = False, device: torch.device | str = "cpu") -> tuple[dic
     repeats, warmup, calls = (1, 0, 1) if smoke else (21, 3, "auto")
     throughput = _throughput(dims, batch, repeats, warmup, calls, device)
     inverse = _inverse_cost(batch, repeats, warmup, calls, device)
+    external = _external(dims, batch, repeats, warmup, calls, device)
     lines = [
         f"### Transform throughput (batch {batch}, K = {LENGTH} layers, {repeats} interleaved repeats)",
         "",
@@ -180,7 +241,25 @@ def run(*, smoke: bool = False, device: torch.device | str = "cpu") -> tuple[dic
         lines.append(
             f"| {row['flow']} | {tuple(row['shape'])} | {_ms(row['forward'])} | {_ms(row['inverse'])} | {row['ratio']:.1f} |"
         )
-    return {"throughput": throughput, "inverse": inverse}, "\n".join(lines) + "\n"
+    lines += ["", "### Against normflows and zuko (optional extra `.[bench]`)", ""]
+    if not external:
+        lines.append("Neither normflows nor zuko is installed here (`pip install -e \".[bench]\"`): not compared.")
+    else:
+        lines += [
+            "Ratio = median(ours) / median(theirs), same layer count, hidden sizes and permutations; "
+            "where the math differs the notes below say how (not a like-for-like target).",
+            "",
+            "| flow | library | D | mode | ours median ms (min-max) | theirs median ms (min-max) | ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in external:
+            lines.append(
+                f"| {row['flow']} | {row['library']} | {row['dim']} | {row['mode']} | {_ms(row['ours'])} | {_ms(row['theirs'])} | {row['ratio']:.2f} |"
+            )
+        lines += ["", "What each twin computes:", ""]
+        for flow, library in dict.fromkeys((row["flow"], row["library"]) for row in external):
+            lines.append(f"- {flow} / {library}: {TWIN_NOTES.get((flow, library), '')}")
+    return {"throughput": throughput, "inverse": inverse, "external": external}, "\n".join(lines) + "\n"
 
 
 def _ms(summary: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ checks of it: no timing is ever asserted)."""
 import json
 
 from benchmarks.__main__ import SUITES, main
+from benchmarks.external_twins import available_libraries
 
 
 def test_every_suite_runs_once_and_writes_json(tmp_path):
@@ -17,6 +18,9 @@ def test_every_suite_runs_once_and_writes_json(tmp_path):
     transforms_rows = results["suites"]["transforms"]["results"]["throughput"]
     assert transforms_rows and all(row["ratio"] > 0 for row in transforms_rows)
     assert results["suites"]["storn"]["results"]["step"][0]["plain"]["median_s"] > 0
+    # normflows / zuko rows exactly when one of them is installed (the optional `bench` extra)
+    external = results["suites"]["transforms"]["results"]["external"]
+    assert {row["library"] for row in external} == set(available_libraries())
     # a figure per suite that has a curve to draw (the smoke skips STORN's scaling runs), linked
     figures = sorted(path.name for path in tmp_path.glob("benchmarks_smoke_*.png"))
     expected = {"transform_ratios", "conv_planar_scaling", "density_race"}
