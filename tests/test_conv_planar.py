@@ -5,6 +5,8 @@ inverse, batch shapes, jit tracing and the registry's claims."""
 
 from __future__ import annotations
 
+import math
+
 import pyro.distributions as dist
 import pytest
 import torch
@@ -81,13 +83,15 @@ def test_jacobian_sparsity_is_the_filters_band(causal, conditional):
         assert torch.equal(blocks, blocks.tril())
 
 
+@pytest.mark.parametrize("moved", [False, True], ids=["init", "moved"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("conditional", [False, True], ids=["plain", "cond"])
 @pytest.mark.parametrize("steps,kernel_size", [(SEQ_LEN, KERNEL), (1, KERNEL), (2, KERNEL), (40, 4)])
-def test_round_trips_at_fresh_points(conditional, dtype, steps, kernel_size):
+def test_round_trips_at_fresh_points(conditional, dtype, steps, kernel_size, moved):
     torch.manual_seed(4)
     layer = _layer(True, conditional, kernel_size, dtype)
-    _move(layer, seed=5)
+    if moved:
+        _move(layer, seed=5)
     batch = 16
     transform = _transform(layer, _context(conditional, batch, steps=steps, dtype=dtype))
     rtol = ROUNDTRIP_RTOL[dtype]
@@ -111,8 +115,8 @@ def _assert_round_trip(actual: torch.Tensor, expected: torch.Tensor, rtol: float
     assert error <= rtol * expected.abs().max().item(), f"round trip error {error:.3g}"
 
 
-def test_long_sequences_invert_through_the_scan():
-    """T = 3000 is past the dense-solve size: Newton steps go through the O(T) scan."""
+def test_long_sequences_invert_through_the_blocked_solve():
+    """T = 3000 is past the dense-solve size: Newton steps go through the blocked recurrence."""
     torch.manual_seed(6)
     layer = _layer(True, True)
     _move(layer, seed=7)
@@ -132,7 +136,7 @@ def test_parallel_newton_scan_and_sequential_solvers_agree(monkeypatch):
     y = 2.0 * torch.randn(5, 60, LATENT, dtype=torch.float64)
     with torch.no_grad():
         dense = transform.inv(y.clone())
-        monkeypatch.setattr(cp, "_DENSE_SOLVE_MAX_ENTRIES", 0)  # Newton steps by the scan
+        monkeypatch.setattr(cp, "_DENSE_SOLVE_MAX_ENTRIES", 0)  # by blocks, block by block
         scanned = transform.inv(y.clone())
         monkeypatch.setattr(cp, "_MAX_PARALLEL_NEWTON", 0)  # everything to the sequential solver
         sequential = transform.inv(y.clone())
@@ -140,13 +144,83 @@ def test_parallel_newton_scan_and_sequential_solvers_agree(monkeypatch):
     torch.testing.assert_close(sequential, dense, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["dense-solve", "scan"])
+# _DENSE_SOLVE_MAX_ENTRIES for the gradcheck below (2 sequences, T = 7, blocks of 2 steps, 3
+# lag values carried between 4 blocks): one dense solve; blocks carried by one dense
+# block-bidiagonal solve (2 * 6^2 <= 80 < 2 * 7^2); blocks carried one by one.
+SOLVERS = {"dense-solve": 1 << 21, "blocks-dense-carry": 80, "blocks-stepwise-carry": 0}
+
+
+def _sequential_recurrence(forcing, feedback):
+    """x_t = f_t + sum_j phi_j[t] x_{t-j}, one step at a time: the reference."""
+    states = []
+    for t in range(forcing.size(-1)):
+        state = forcing[:, t].clone()
+        for j, phi in enumerate(feedback, 1):
+            if t >= j:
+                state = state + phi[:, t] * states[t - j]
+        states.append(state)
+    return torch.stack(states, dim=-1)
+
+
+@pytest.mark.parametrize("carry", ["dense-carry", "stepwise-carry"])
+@pytest.mark.parametrize(
+    "count,steps,order", [(3, 7, 2), (2, 101, 1), (2, 257, 2), (1, 1000, 4), (4, 1, 2), (4, 2, 3)]
+)
+def test_blocked_banded_solve_matches_the_sequential_recurrence(count, steps, order, carry, monkeypatch):
+    """The blocked solve (blocks of ~sqrt(T/m) steps, T not a multiple of the block size, lag
+    values carried between blocks by one triangular solve or block by block) and the dense one
+    agree with forward substitution to rounding level."""
+    torch.manual_seed(30)
+    layout = cp._Blocks(count, steps, order)
+    diag = 1.0 + torch.rand(count, steps, dtype=torch.float64)
+    sub = [0.4 * torch.randn(count, steps, dtype=torch.float64) for _ in range(order)]
+    for j, s in enumerate(sub, 1):
+        s[:, :j] = 0.0
+    rhs = torch.randn(count, steps, dtype=torch.float64)
+    expected = _sequential_recurrence(rhs / diag, [-s / diag for s in sub])
+    dense = cp._solve_lower_banded(diag, sub, rhs)
+    torch.testing.assert_close(dense, expected, rtol=1e-12, atol=1e-12)
+    # block size and count as the layout picks them for a long sequence, at any size
+    block = max(order, math.ceil(math.sqrt(steps / order)))
+    carried = (-(-steps // block) - 1) * order
+    threshold = count * carried**2 if carry == "dense-carry" else 0
+    if count * steps * steps <= threshold:
+        pytest.skip("too short to be cut into blocks")
+    monkeypatch.setattr(cp, "_DENSE_SOLVE_MAX_ENTRIES", threshold)
+    blocked_layout = cp._Blocks(count, steps, order)
+    assert blocked_layout.blocks > 1 or steps <= order
+    assert layout.blocks == 1
+    blocked = cp._solve_lower_banded(diag, sub, rhs)
+    torch.testing.assert_close(blocked, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("moved", [False, True], ids=["init", "moved"])
+@pytest.mark.parametrize("conditional", [False, True], ids=["plain", "cond"])
+def test_round_trips_of_long_sequences_with_sample_and_batch_dims(conditional, moved, dtype):
+    """T = 10000 (blocked solve, T not a multiple of the block) and T = 997 for inputs (S, B, T,
+    Z) whose parameters come per sequence (B, T, .) or shared: both directions round trip."""
+    torch.manual_seed(31)
+    layer = _layer(True, conditional, dtype=dtype)
+    if moved:
+        _move(layer, seed=32)
+    rtol = ROUNDTRIP_RTOL[dtype]
+    for samples, batch, steps in ((1, 2, 10000), (2, 3, 997)):
+        transform = _transform(layer, _context(conditional, batch, steps=steps, dtype=dtype))
+        with torch.no_grad():
+            x = 1.5 * torch.randn(samples, batch, steps, LATENT, dtype=dtype)
+            _assert_round_trip(transform.inv(transform(x).clone()), x, rtol)
+            y = 1.5 * torch.randn(samples, batch, steps, LATENT, dtype=dtype)
+            _assert_round_trip(transform(transform.inv(y).clone()), y, rtol)
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
 @pytest.mark.parametrize("conditional", [False, True], ids=["shared-u", "per-step-u"])
-def test_log_prob_gradients_through_the_inverse(conditional, scan, monkeypatch):
+def test_log_prob_gradients_through_the_inverse(conditional, solver, monkeypatch):
     """gradcheck of log_prob(y) at points the flow never produced, w.r.t. y and every parameter:
-    the implicit-function step gives the exact derivative of the inverse."""
-    if scan:
-        monkeypatch.setattr(cp, "_DENSE_SOLVE_MAX_ENTRIES", 0)
+    the implicit-function step gives the exact derivative of the inverse, whichever solver
+    (the blocked one runs out of place under autograd)."""
+    monkeypatch.setattr(cp, "_DENSE_SOLVE_MAX_ENTRIES", SOLVERS[solver])
     torch.manual_seed(10)
     steps = 7
     w = (0.6 * torch.randn(KERNEL, LATENT, dtype=torch.float64)).requires_grad_()
