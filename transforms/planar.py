@@ -91,14 +91,11 @@ def solve_planar_equation(
         c = one_plus_c - 1.0
         half_width = c.abs()
         lower, upper = target - half_width, target + half_width
-        # Start from the better of the linearised root (tanh a ~ a; exact when c = 0) and the
-        # saturated one (tanh a ~ sign a), projected into the bracket.
-        linear = target / one_plus_c
-        linear = torch.where(torch.isfinite(linear), linear, target)
-        saturated = target - c * torch.sign(target)
-        starts = torch.stack([linear, saturated]).clamp(min=lower, max=upper)
-        start_residuals = (starts + c * torch.tanh(starts) - target).abs()
-        root = torch.where(start_residuals[0] <= start_residuals[1], starts[0], starts[1])
+        # Start at s - c tanh(s / (1 + c)): the linearised root s / (1 + c) (tanh a ~ a) for
+        # small |s|, the saturated one s - c sign(s) (tanh a ~ sign a) for large |s|, and a
+        # blend between them, in four ops (the clamp keeps 0 / 0 out when 1 + c = 0).
+        linear = target / one_plus_c.clamp_min(torch.finfo(target.dtype).tiny)
+        root = torch.addcmul(target, c, torch.tanh(linear), value=-1.0).clamp(min=lower, max=upper)
         previous_step = upper - lower
         if max_steps is None:
             max_steps = _MAX_SOLVER_STEPS.get(target.dtype, 128)
@@ -209,6 +206,8 @@ class ConditionedPlanar(Transform):
         self._check_input(y, w, "y")
         target = self._preactivation(y, w, bias)
         root = solve_planar_equation(target, one_plus_c)
+        if not (torch.is_grad_enabled() and (target.requires_grad or one_plus_c.requires_grad)):
+            return y - u_hat * torch.tanh(root)
         # One Newton step with autograd on, from the converged (detached) root: its value is the
         # root again, and its derivative is the implicit-function derivative
         # da/d(s, c) = (1, -tanh a) / g'(a), without differentiating through the iterations.
