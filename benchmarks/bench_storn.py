@@ -16,6 +16,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from pyro_storn.optim import MultiTensorAdam
 from pyro_storn.storn import STORN
 from pyro_storn.training import svi_step
 
@@ -73,7 +74,8 @@ def _contenders(flow: str, length: int, device: torch.device) -> dict[str, Calla
     ours = STORN(INPUT_DIM, LATENT_DIM, HIDDEN_DIM, flow=flow_name, flow_length=length).to(device)
     torch.manual_seed(0)
     twin = STORN(INPUT_DIM, LATENT_DIM, HIDDEN_DIM, flow=flow_name, flow_length=length).to(device)
-    optim = pyro.optim.Adam({"lr": LR}, {"clip_norm": CLIP_NORM})
+    # the optimiser pyro_storn.runs.train uses: pyro.optim.Adam's updates in one multi-tensor step
+    optim = MultiTensorAdam({"lr": LR}, {"clip_norm": CLIP_NORM})
     elbo = pyro.infer.Trace_ELBO(max_plate_nesting=1)
     optimizer = torch.optim.Adam(twin.parameters(), lr=LR)
     return {

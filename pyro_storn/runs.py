@@ -28,6 +28,7 @@ from .data.sequences import SequenceData, load_sequences
 from .diagnostics import ImportanceDraws, draw_importance_samples, summarize_importance
 from .diagnostics import write_diagnostics
 from .evaluation import bounds_summary, evaluate_bounds, sequence_metrics
+from .optim import MultiTensorAdam
 from .storn import RNN_TYPES, STORN
 from .training import CHECKPOINT_NAME, FitResult, fit
 
@@ -199,7 +200,8 @@ def train(
             metrics.update({f"{split}/{name}": value for name, value in values.items()})
         return metrics
 
-    optim = pyro.optim.Adam({"lr": config.lr}, {"clip_norm": config.clip_norm})
+    # pyro.optim.Adam's updates, in one multi-tensor step instead of one optimiser per tensor
+    optim = MultiTensorAdam({"lr": config.lr}, {"clip_norm": config.clip_norm})
     return fit(
         storn.model, storn.guide, storn, optim, _make_loss(config), (x, mask),
         epochs=config.epochs, batch_size=config.batch_size, run_dir=run_dir, seed=config.seed,
