@@ -189,9 +189,10 @@ def test_nll(
 @dataclass
 class HistoryPoint:
     """One evaluation during training: seconds of training so far (evaluations excluded), the
-    step, the test NLL (nats/point), the last minibatch loss, the function evaluations per
-    training solve (0 for discrete flows), and the validation NLL (``None`` without a
-    validation set)."""
+    step, the test NLL (nats/point), the last minibatch loss, the function evaluations of the
+    test-set solve (``nfe``, under the evaluation solver; 0 for discrete flows), the validation
+    NLL (``None`` without a validation set), and the function evaluations of the last training
+    step's forward solve (``train_nfe``, under the training solver)."""
 
     wall_time: float
     step: int
@@ -199,6 +200,7 @@ class HistoryPoint:
     train_loss: float
     nfe: int = 0
     validation_nll: float | None = None
+    train_nfe: int = 0
 
 
 @dataclass
@@ -353,6 +355,7 @@ def fit_density(
     def evaluate() -> None:
         nonlocal best_state, best_index, evaluations_without_gain
         start = time.perf_counter()
+        train_nfe = total_nfe(density)  # the last solve was the last training step's
         nll = test_nll(density, test, solver=eval_solver)
         nfe = total_nfe(density)  # of the test-set solve, before the validation one
         validation_nll = None
@@ -370,7 +373,7 @@ def fit_density(
                 evaluations_without_gain += 1
         result.eval_time += time.perf_counter() - start
         result.history.append(
-            HistoryPoint(train_time, result.steps, nll, loss_value, nfe, validation_nll)
+            HistoryPoint(train_time, result.steps, nll, loss_value, nfe, validation_nll, train_nfe)
         )
         restored = restore_best and best_index is not None
         result.selected = best_index if restored else len(result.history) - 1

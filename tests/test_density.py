@@ -100,6 +100,8 @@ def test_fit_improves_and_records_history():
     )
     assert result.steps == 60
     assert result.history[-1].step == 60 and result.history[-1].nfe > 0
+    # training solve: fixed-step RK4 over [0, 1] in steps of 0.5, four evaluations per step
+    assert result.history[-1].train_nfe == 2 * 4
     assert result.test_nll < before - 0.2
     assert result.wall_time > 0 and result.eval_time > 0
     assert result.time_to(result.test_nll) == result.history[-1].wall_time
