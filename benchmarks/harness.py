@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["Timing", "time_interleaved", "machine_info", "synchronize", "write_results"]
+__all__ = ["Timing", "time_interleaved", "paired_ratio", "machine_info", "synchronize", "write_results"]
 
 
 @dataclass
@@ -97,6 +97,18 @@ def time_interleaved(
             if round_index >= warmup:
                 timings[name].seconds.append(elapsed)
     return timings
+
+
+def paired_ratio(numerator: Timing, denominator: Timing) -> float:
+    """The median over rounds of ``numerator / denominator`` timed in the same round (the two ran
+    back to back, so a slow spell of the machine divides out); a check beside the ratio of the
+    medians, which it matches when the machine is steady."""
+    if len(numerator.seconds) != len(denominator.seconds) or not numerator.seconds:
+        raise ValueError(
+            f"paired_ratio needs timings of the same rounds, got {len(numerator.seconds)} and "
+            f"{len(denominator.seconds)} repetitions"
+        )
+    return statistics.median(a / b for a, b in zip(numerator.seconds, denominator.seconds))
 
 
 # "auto" repetitions last about this long (timer and scheduler jitter are ~0.1 ms here), with

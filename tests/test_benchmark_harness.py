@@ -3,7 +3,7 @@
 import pytest
 
 from benchmarks import harness
-from benchmarks.harness import time_interleaved
+from benchmarks.harness import Timing, paired_ratio, time_interleaved
 
 
 def _recording_contenders(log):
@@ -39,3 +39,13 @@ def test_auto_calls_are_bounded_and_positive(monkeypatch):
 def test_bad_calls_per_repeat_is_refused_by_name(bad):
     with pytest.raises(ValueError, match="calls_per_repeat"):
         time_interleaved({"a": lambda v: None}, object, repeats=1, warmup=0, calls_per_repeat=bad)
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    ours = Timing("ours", [1.0, 5.0, 6.0])
+    theirs = Timing("theirs", [4.0, 1.0, 2.0])
+    assert paired_ratio(ours, theirs) == 3.0  # of 0.25, 5, 3; the ratio of medians is 5 / 2
+    # a slow spell that hits both contenders of a round alike divides out
+    assert paired_ratio(Timing("a", [1.0, 10.0, 1.0]), Timing("b", [2.0, 20.0, 2.0])) == 0.5
+    with pytest.raises(ValueError, match="same rounds"):
+        paired_ratio(ours, Timing("short", [1.0]))
