@@ -256,7 +256,7 @@ class ConditionedInverseAutoregressive(_MADEAffine):
     def _call(self, x: torch.Tensor) -> torch.Tensor:
         log_scale, shift = self._scale_shift(x)
         self._remember(x, log_scale)
-        return torch.exp(log_scale) * x + shift
+        return (torch.exp(log_scale) * x).add_(shift)  # in place in the product (see planar.py)
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         def update(x: torch.Tensor) -> NetOutput:
@@ -306,7 +306,7 @@ class ConditionedMaskedAutoregressive(_MADEAffine):
     def _call(self, x: torch.Tensor) -> torch.Tensor:
         def update(y: torch.Tensor) -> NetOutput:
             log_scale, shift = self._scale_shift(y)
-            return torch.exp(log_scale) * x + shift, log_scale
+            return (torch.exp(log_scale) * x).add_(shift), log_scale
 
         y, log_scale = self._solve(x, update)
         self._remember(y, log_scale)

@@ -143,7 +143,7 @@ class ConditionedAffineCoupling(_Coupling):
     def _call(self, x: torch.Tensor) -> torch.Tensor:
         kept, moved = self._split(x)
         log_scale, shift = self._scale_shift(kept, x)
-        return self._join(kept, torch.exp(log_scale) * moved + shift)
+        return self._join(kept, (torch.exp(log_scale) * moved).add_(shift))  # see planar.py
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         kept, moved = self._split(y)

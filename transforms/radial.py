@@ -77,7 +77,9 @@ class ConditionedRadial(Transform):
         h = torch.reciprocal(alpha + radius)
         self._last_forward = (x, alpha, alpha_plus_beta, radius, h)
         beta = alpha_plus_beta - alpha
-        return x + (beta * h) * offset
+        # = x + beta h (x - x0), summed in place in the product (see planar.py: one temporary
+        # of the input's size fewer)
+        return ((beta * h) * offset).add_(x)
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         r"""The output radius :math:`r_y = r(r + \alpha + \beta)/(\alpha + r)` gives the
@@ -110,7 +112,7 @@ class ConditionedRadial(Transform):
         safe_output_scale = torch.where(
             output_scale > 0, output_scale, torch.ones_like(output_scale)
         )
-        return y - beta / safe_output_scale * offset
+        return (beta / safe_output_scale * offset).neg_().add_(y)
 
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         r""":math:`(D - 1)\log(1 + \beta h) + \log(1 + \beta h + \beta h' r)`, computed from
