@@ -61,17 +61,28 @@ def _forward_logdet(parts: list[Any], x: torch.Tensor) -> tuple[torch.Tensor, to
     return x, log_det
 
 
-def _forward_contender(parts: list[Any]) -> Callable[[torch.Tensor], None]:
+def _forward_and_logdet(stack: list[Any] | TwinStack) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """One call ``x -> (y, log_det)`` for a list of our/Pyro's parts or another library's twin."""
+    if isinstance(stack, TwinStack):
+        return stack.forward_and_logdet
+    return lambda x: _forward_logdet(stack, x)
+
+
+def _forward_contender(stack: list[Any] | TwinStack) -> Callable[[torch.Tensor], None]:
+    run = _forward_and_logdet(stack)
+
     def call(x: torch.Tensor) -> None:
         with torch.no_grad():
-            _forward_logdet(parts, x)
+            run(x)
 
     return call
 
 
-def _backward_contender(parts: list[Any]) -> Callable[[torch.Tensor], None]:
+def _backward_contender(stack: list[Any] | TwinStack) -> Callable[[torch.Tensor], None]:
+    run = _forward_and_logdet(stack)
+
     def call(x: torch.Tensor) -> None:
-        y, log_det = _forward_logdet(parts, x)
+        y, log_det = run(x)
         (y.sum() + log_det.sum()).backward()
 
     return call
@@ -131,18 +142,6 @@ def _throughput(dims: tuple[int, ...], batch: int, repeats: int, warmup: int, ca
     return rows
 
 
-def _twin_contender(stack: TwinStack, mode: str) -> Callable[[torch.Tensor], None]:
-    def forward(x: torch.Tensor) -> None:
-        with torch.no_grad():
-            stack.forward_and_logdet(x)
-
-    def backward(x: torch.Tensor) -> None:
-        y, log_det = stack.forward_and_logdet(x)
-        (y.sum() + log_det.sum()).backward()
-
-    return forward if mode == "forward+logdet" else backward
-
-
 def _external(dims: tuple[int, ...], batch: int, repeats: int, warmup: int, calls: int | str, device: torch.device):
     """Ours against normflows / zuko (whichever is installed: an optional extra)."""
     rows = []
@@ -167,7 +166,7 @@ def _external(dims: tuple[int, ...], batch: int, repeats: int, warmup: int, call
 
             for mode, contender in (("forward+logdet", _forward_contender), ("forward+backward", _backward_contender)):
                 contenders = {"ours": contender(ours)}
-                contenders.update({library: _twin_contender(stack, mode) for library, stack in twins.items()})
+                contenders.update({library: contender(stack) for library, stack in twins.items()})
                 timings = time_interleaved(
                     contenders, make_input, repeats=repeats, warmup=warmup, device=device, calls_per_repeat=calls
                 )

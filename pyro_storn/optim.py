@@ -58,11 +58,10 @@ class MultiTensorAdam(PyroOptim):
         super().__init__(torch.optim.Adam, optim_args, clip_args)
         self.clip_norm = clip_norm
         self._optimizer: torch.optim.Adam | None = None
-        self._known: set[int] = set()
 
     def __call__(self, params: Iterable[torch.Tensor], *args: Any, **kwargs: Any) -> None:
         params = list(params)
-        new = [p for p in params if id(p) not in self._known]
+        new = [p for p in params if p not in self.optim_objs]
         if new:
             self._adopt(new)
         grads = [p.grad for p in params if p.grad is not None]
@@ -81,8 +80,8 @@ class MultiTensorAdam(PyroOptim):
             self._optimizer.add_param_group({"params": params})
         store = pyro.get_param_store()
         for p in params:
-            self._known.add(id(p))
-            self.optim_objs[p] = self._optimizer  # what PyroOptim callers (e.g. lr updates) look at
+            # the parameters seen so far (as in PyroOptim), each mapped to the one optimiser
+            self.optim_objs[p] = self._optimizer
             self._restore(p, store.param_name(p))
 
     def get_state(self) -> dict[str, Any]:
