@@ -39,6 +39,8 @@ EXTERNAL_MAX_DIM = {"maf": 16}
 # Pyro clamps it with a straight-through gradient. The same layers with log_scale_bound=None
 # (Pyro's math without its clamp) are timed in the same run, so the bound's cost is visible.
 UNBOUNDED_VARIANT = {"iaf": {"log_scale_bound": None}, "realnvp": {"log_scale_bound": None}}
+# Every row also times a second Pyro stack, built the same way, against the first: the same code,
+# so its ratio (the A/A control) is how far that row's ratio moves by noise alone in that run.
 INVERSE_FLOWS = ("planar", "radial", "sylvester", "conv_planar")
 CONV_SEQ_LEN = 100  # T of the (B, T, Z) sequences fed to conv_planar
 
@@ -106,7 +108,10 @@ def _throughput(dims: tuple[int, ...], batch: int, repeats: int, warmup: int, ca
             if dim < transforms.info(name).min_input_dim:
                 continue
             ours = list(transforms.flow(name, dim, LENGTH).to(device).parts)
-            theirs = [p.to(device) if isinstance(p, torch.nn.Module) else p for p in _pyro_stack(name, dim, LENGTH)]
+            theirs, theirs_again = (
+                [p.to(device) if isinstance(p, torch.nn.Module) else p for p in _pyro_stack(name, dim, LENGTH)]
+                for _ in range(2)
+            )
             variant = UNBOUNDED_VARIANT.get(name)
             unbounded = list(transforms.flow(name, dim, LENGTH, **variant).to(device).parts) if variant else None
 
@@ -114,7 +119,7 @@ def _throughput(dims: tuple[int, ...], batch: int, repeats: int, warmup: int, ca
                 return torch.randn(batch, dim, device=device)
 
             for mode, contender in (("forward+logdet", _forward_contender), ("forward+backward", _backward_contender)):
-                contenders = {"ours": contender(ours), "pyro": contender(theirs)}
+                contenders = {"ours": contender(ours), "pyro": contender(theirs), "pyro_again": contender(theirs_again)}
                 if unbounded is not None:
                     contenders["ours_unbounded"] = contender(unbounded)
                 timings = time_interleaved(
@@ -134,6 +139,7 @@ def _throughput(dims: tuple[int, ...], batch: int, repeats: int, warmup: int, ca
                         "pyro": timings["pyro"].summary(),
                         "ratio": timings["ours"].median / timings["pyro"].median,
                         "paired_ratio": paired_ratio(timings["ours"], timings["pyro"]),
+                        "control_ratio": timings["pyro_again"].median / timings["pyro"].median,
                         "unbounded_ratio": (
                             timings["ours_unbounded"].median / timings["pyro"].median if unbounded is not None else None
                         ),
@@ -235,17 +241,19 @@ def run(*, smoke: bool = False, device: torch.device | str = "cpu") -> tuple[dic
         "",
         "Ratio = median(ours) / median(Pyro's); target <= 1.05. Paired: the median over rounds of "
         "ours / Pyro's timed back to back in that round (a slow spell of the machine divides out). "
-        "Last column: IAF and RealNVP with "
+        "A/A: a second Pyro stack built the same way against the first, timed in the same "
+        "interleaved run: the same code, so its distance from 1 is what noise alone does to that "
+        "row. Last column: IAF and RealNVP with "
         "`log_scale_bound=None` (Pyro's math without its clamp; ours bounds the log-scale smoothly by "
-        "default), timed in the same interleaved run.",
+        "default, which costs a sigmoid and its backward per coordinate), timed in the same run.",
         "",
-        "| flow | D | mode | ours median ms (min-max) | Pyro median ms (min-max) | ratio | paired | ratio without the bound |",
-        "|---|---|---|---|---|---|---|---|",
+        "| flow | D | mode | ours median ms (min-max) | Pyro median ms (min-max) | ratio | paired | A/A | ratio without the bound |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in throughput:
         unbounded = "-" if row.get("unbounded_ratio") is None else f"{row['unbounded_ratio']:.2f}"
         lines.append(
-            f"| {row['flow']} | {row['dim']} | {row['mode']} | {_ms(row['ours'])} | {_ms(row['pyro'])} | {row['ratio']:.2f} | {row['paired_ratio']:.2f} | {unbounded} |"
+            f"| {row['flow']} | {row['dim']} | {row['mode']} | {_ms(row['ours'])} | {_ms(row['pyro'])} | {row['ratio']:.2f} | {row['paired_ratio']:.2f} | {row['control_ratio']:.2f} | {unbounded} |"
         )
     lines += [
         "",

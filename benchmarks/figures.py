@@ -59,6 +59,10 @@ def _transform_ratios(results: dict[str, Any]):
         ratios = [row["ratio"] for row in selected]
         colors = ["tab:green" if r <= TRANSFORM_RATIO_TARGET else "tab:red" for r in ratios]
         axis.barh(range(len(ratios)), ratios, color=colors)
+        # the A/A control of each row (Pyro's stack against a second copy of it): noise alone
+        controls = [row.get("control_ratio") for row in selected]
+        if all(control is not None for control in controls):
+            axis.scatter(controls, range(len(controls)), marker="|", s=120, color="black", zorder=3, label="A/A control (Pyro / Pyro)")
         axis.axvline(1.0, color="black", linewidth=0.8)
         axis.axvline(TRANSFORM_RATIO_TARGET, color="tab:red", linestyle="--", linewidth=0.8, label=f"target {TRANSFORM_RATIO_TARGET}")
         axis.set_yticks(range(len(ratios)), labels, fontsize=8)

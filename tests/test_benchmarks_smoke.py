@@ -17,6 +17,8 @@ def test_every_suite_runs_once_and_writes_json(tmp_path):
         assert f"## {name}" in markdown
     transforms_rows = results["suites"]["transforms"]["results"]["throughput"]
     assert transforms_rows and all(row["ratio"] > 0 for row in transforms_rows)
+    # every row carries its A/A control: Pyro's stack against a second copy of it
+    assert all(row["control_ratio"] > 0 for row in transforms_rows)
     assert results["suites"]["storn"]["results"]["step"][0]["plain"]["median_s"] > 0
     # normflows / zuko rows exactly when one of them is installed (the optional `bench` extra)
     external = results["suites"]["transforms"]["results"]["external"]
