@@ -39,11 +39,11 @@ from typing import Callable, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from pyro.distributions import ConditionalTransformModule, TransformModule
-from pyro.nn import DenseNN
 from torch import nn
 from torch.distributions import Transform, constraints
 
 from .planar import _log_slope, _slope, solve_planar_equation
+from .hypernet import context_hypernet
 from .registry import register
 
 __all__ = [
@@ -908,13 +908,8 @@ def _conditional(
     input_dim: int, context_dim: int, kernel_size: int, causal: bool,
     hidden_dims: Sequence[int] | None, per_step_bias: bool,
 ) -> ConditionalConvPlanar:
-    for name, value in (("input_dim", input_dim), ("context_dim", context_dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if hidden_dims is None:
-        hidden_dims = [10 * input_dim, 10 * input_dim]
     param_dims = [input_dim, 1] if per_step_bias else [input_dim]
-    hypernet = DenseNN(context_dim, list(hidden_dims), param_dims=param_dims)
+    hypernet = context_hypernet(input_dim, context_dim, param_dims, hidden_dims)
     return ConditionalConvPlanar(hypernet, input_dim, kernel_size, causal, per_step_bias)
 
 

@@ -20,9 +20,9 @@ from pyro.distributions.transforms.householder import (
 )
 from pyro.distributions.transforms.householder import ConditionedHouseholder
 from pyro.distributions.transforms.householder import Householder as _PyroHouseholder
-from pyro.nn import DenseNN
 from torch import nn
 
+from .hypernet import context_hypernet
 from .registry import register
 
 __all__ = [
@@ -68,9 +68,7 @@ def conditional_householder(
     """A :class:`ConditionalHouseholder` whose reflection vectors are the outputs of a
     :class:`pyro.nn.DenseNN` of the context (hidden dims default to ``[10 D, 10 D]``)."""
     count = _count(input_dim, count_transforms)
-    if hidden_dims is None:
-        hidden_dims = [10 * input_dim, 10 * input_dim]
-    hypernet = DenseNN(context_dim, list(hidden_dims), param_dims=[input_dim] * count)
+    hypernet = context_hypernet(input_dim, context_dim, [input_dim] * count, hidden_dims)
     return ConditionalHouseholder(input_dim, hypernet, count)
 
 

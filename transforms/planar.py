@@ -14,10 +14,10 @@ from typing import Callable, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from pyro.distributions import ConditionalTransformModule, TransformModule
-from pyro.nn import DenseNN
 from torch import nn
 from torch.distributions import Transform, constraints
 
+from .hypernet import context_hypernet
 from .registry import register
 
 __all__ = [
@@ -388,13 +388,7 @@ def conditional_planar(
     """One :class:`ConditionalPlanar` layer whose parameters come from a
     :class:`~pyro.nn.DenseNN` of the context (hidden sizes default to
     ``[10 * input_dim, 10 * input_dim]``, as in Pyro)."""
-    for name, value in (("input_dim", input_dim), ("context_dim", context_dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if hidden_dims is None:
-        hidden_dims = [10 * input_dim, 10 * input_dim]
-    hypernet = DenseNN(context_dim, list(hidden_dims), param_dims=[1, input_dim, input_dim])
-    return ConditionalPlanar(hypernet)
+    return ConditionalPlanar(context_hypernet(input_dim, context_dim, [1, input_dim, input_dim], hidden_dims))
 
 
 @register(

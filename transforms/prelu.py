@@ -13,6 +13,7 @@ from torch import nn
 from torch.distributions import Transform, constraints
 
 from .autoregressive import soft_bound
+from .hypernet import context_hypernet
 from .registry import register
 
 __all__ = ["ConditionedPReLU", "PReLU", "ConditionalPReLU", "prelu", "conditional_prelu"]
@@ -150,9 +151,9 @@ def conditional_prelu(
 ) -> ConditionalPReLU:
     """A PReLU layer whose slopes come from the context (``hidden_dims`` default
     ``[10 * input_dim]``)."""
-    hidden_dims = [10 * input_dim] if hidden_dims is None else list(hidden_dims)
+    hidden_dims = [10 * input_dim] if hidden_dims is None else hidden_dims
     return ConditionalPReLU(
-        DenseNN(context_dim, hidden_dims, param_dims=[input_dim]), log_slope_bound=log_slope_bound
+        context_hypernet(input_dim, context_dim, [input_dim], hidden_dims), log_slope_bound=log_slope_bound
     )
 
 

@@ -18,9 +18,9 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.nn as nn
 from pyro.distributions import ConditionalTransformModule, TransformModule
-from pyro.nn import DenseNN
 from torch.distributions import Transform, constraints
 
+from .hypernet import context_hypernet
 from .registry import register
 
 __all__ = [
@@ -528,12 +528,10 @@ def conditional_sylvester(
 ) -> ConditionalSylvester:
     """A :class:`ConditionalSylvester` whose parameters come from a
     :class:`pyro.nn.DenseNN` of the context (hidden dims default to ``[10 D, 10 D]``)."""
-    if hidden_dims is None:
-        hidden_dims = [10 * input_dim, 10 * input_dim]
     dims = ConditionalSylvester.param_dims(
         input_dim, variant, num_columns, num_householder, condition_q
     )
-    hypernet = DenseNN(context_dim, list(hidden_dims), param_dims=dims)
+    hypernet = context_hypernet(input_dim, context_dim, dims, hidden_dims)
     return ConditionalSylvester(
         input_dim, hypernet, variant, num_columns, num_householder, reverse, condition_q
     )
