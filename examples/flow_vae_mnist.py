@@ -27,6 +27,7 @@ import platform
 import shlex
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,11 @@ def label(result: dict[str, Any]) -> str:
     return "VAE" if result["flow"] == "none" else result.get("flow_spec", result["flow"])
 
 
+def model_name(result: dict[str, Any]) -> str:
+    """The label with the flow length, ``householder:count_transforms=1 K=2`` (the VAE: VAE)."""
+    return "VAE" if result["flow"] == "none" else f"{label(result)} K={result['K']}"
+
+
 # Options that define a trained model, and those that define its evaluation: --reuse takes a
 # stored result only when all match, and resumes a stored checkpoint when the first ones match.
 TRAINING_OPTIONS = ("latent_dim", "hidden_dims", "activation", "epochs", "batch_size", "lr",
@@ -348,6 +354,17 @@ def write_table(results: list[dict[str, Any]], skipped: list[str], data: mnist.M
             f"| {_fmt(test['neg_iwae_mean'], test['neg_iwae_se'])} | {delta} | {jensen} "
             f"| {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |"
         )
+    invocations: dict[str, list[str]] = {}
+    for r in results:
+        when = r.get("invocation") or (
+            "runs resumed from a checkpoint (SVI times span invocations)" if r.get("resumed")
+            else "an earlier invocation (time not recorded)")
+        invocations.setdefault(when, []).append(model_name(r))
+    if len(invocations) > 1:
+        groups = "; ".join(f"{when}: {', '.join(models)}" for when, models in invocations.items())
+        lines += ["", f"Times were taken in {len(invocations)} invocations (--reuse takes stored "
+                      f"models), each under its own machine load: compare SVI s and eval s only "
+                      f"within one. Trained in {groups}."]
     if skipped:
         lines += ["", f"Not run (not registered in this install): {', '.join(skipped)}."]
     if baseline is not None:
@@ -356,7 +373,7 @@ def write_table(results: list[dict[str, Any]], skipped: list[str], data: mnist.M
             if r is baseline or "test" not in r:
                 continue
             mean, se = paired_difference(r, baseline, "neg_iwae")
-            model = f"{label(r)} K={r['K']}"
+            model = model_name(r)
             (better if mean < -2 * se else worse if mean > 2 * se else tied).append(model)
         lines += [
             "",
@@ -381,7 +398,7 @@ def write_table(results: list[dict[str, Any]], skipped: list[str], data: mnist.M
                      "reflections, not the single reflection per step of Tomczak & Welling; "
                      "`householder:count_transforms=1` gives theirs (K reflections).")
         lines += ["", note]
-    failed = [f"{r['flow']} K={r['K']}" for r in results if "failed" in r]
+    failed = [model_name(r) for r in results if "failed" in r]
     lines += ["", f"Runs stopped by a non-finite loss: {', '.join(failed) or 'none'}."]
     lines += ["", f"![flow terms over training]({args.figure.name})", "",
               "The figure shows, per epoch, the flow's terms on the first 1000 training images "
@@ -407,7 +424,7 @@ def plot_terms(results: list[dict[str, Any]], path: Path) -> None:
         if not history:
             continue
         epochs = [h["epoch"] for h in history]
-        name = "VAE" if r["flow"] == "none" else f"{label(r)} K={r['K']}"
+        name = model_name(r)
         color = plt.get_cmap("tab10")(families.index(label(r)) % 10)
         style = "-" if r["K"] == 0 else styles[lengths.index(r["K"]) % len(styles)]
         for ax, (key, title) in zip(axes.flat, TERM_PANELS):
@@ -441,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
     started = time.perf_counter()
+    invocation = datetime.now(timezone.utc).isoformat(timespec="seconds")
     data = load_data(args)
     runs, skipped = configurations(args)
     results = []
@@ -450,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         if result is None:
             print(f"== {spec} K={length}", file=sys.stderr)
             result = train_and_evaluate(spec, length, data, args)
+            if not result.get("resumed"):  # its times were all taken under this run's load
+                result["invocation"] = invocation
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "results.json").write_text(json.dumps(_jsonable(result)))
         else:

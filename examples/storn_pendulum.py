@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -54,24 +55,41 @@ def _csv(text: str, kind=str) -> list:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--flows", default="none,planar,radial", type=_csv)
-    parser.add_argument("--lengths", default="2,4,8", type=lambda t: _csv(t, int))
-    parser.add_argument("--seeds", default="0,1,2", type=lambda t: _csv(t, int))
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--n-sequences", type=int, default=1000)
-    parser.add_argument("--n-steps", type=int, default=100)
-    parser.add_argument("--latent-dim", type=int, default=2)
-    parser.add_argument("--hidden-dim", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--kl-anneal-epochs", type=int, default=0)
-    parser.add_argument("--iwae-samples", type=int, default=100)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--runs", default="runs/storn_pendulum", help="run directories")
-    parser.add_argument("--out", default="docs/storn_pendulum.md")
+    parser.add_argument("--flows", default="none,planar,radial", type=_csv,
+                        help="comma-separated guides: 'none' (plain STORN) or registered flow "
+                             "names (default: %(default)s)")
+    parser.add_argument("--lengths", default="2,4,8", type=lambda t: _csv(t, int),
+                        help="flow lengths K, one run per flow and K (default: %(default)s)")
+    parser.add_argument("--seeds", default="0,1,2", type=lambda t: _csv(t, int),
+                        help="training seeds, one run each; the data set is always seed 0 "
+                             "(default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=100, help="epochs per run (default: 100)")
+    parser.add_argument("--n-sequences", type=int, default=1000,
+                        help="pendulum sequences simulated, split 80/20 (default: 1000)")
+    parser.add_argument("--n-steps", type=int, default=100,
+                        help="time steps per sequence (default: 100)")
+    parser.add_argument("--latent-dim", type=int, default=2, help="latent size Z (default: 2)")
+    parser.add_argument("--hidden-dim", type=int, default=128,
+                        help="GRU hidden size of the encoder and decoder (default: 128)")
+    parser.add_argument("--batch-size", type=int, default=20, help="sequences per SVI step "
+                                                                   "(default: 20)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate "
+                                                               "(default: 0.001)")
+    parser.add_argument("--kl-anneal-epochs", type=int, default=0,
+                        help="linear KL warm-up over this many epochs; 0: none (default: 0)")
+    parser.add_argument("--iwae-samples", type=int, default=100,
+                        help="importance samples S of the test IWAE bound (default: 100)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--runs", default="runs/storn_pendulum",
+                        help="directory of the run directories and the simulated data; "
+                             "finished runs with the same settings are reused "
+                             "(default: %(default)s)")
+    parser.add_argument("--out", default="docs/storn_pendulum.md",
+                        help="Markdown table written here, figures beside it in figures/ "
+                             "(default: %(default)s)")
     parser.add_argument("--notes-file", default=None,
                         help="Markdown appended to the results (discussion)")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
 
@@ -106,7 +124,9 @@ def run_cell(data, data_path: Path, run_dir: Path, config: TrainConfig, args) ->
         wall, cpu = time.perf_counter(), time.process_time()
         train(data, run_dir, config, data_path=data_path, progress=not args.quiet)
         evaluate_run(run_dir, num_samples=args.iwae_samples, seed=config.seed)
-        timing = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+        timing = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
+                  # how busy the machine was: the 1-minute load average when the run ended
+                  "load_average": os.getloadavg()[0]}
         timing_path.write_text(json.dumps(timing))
     summary = run_summary(run_dir)
     summary.update(json.loads(timing_path.read_text()))
@@ -178,6 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     losses = plot_losses(first_seed, figures / "storn_pendulum_losses.png")
     terms = plot_flow_terms(first_seed, figures / "storn_pendulum_flow_terms.png")
     cpu_total = sum(s["cpu_s"] for summaries in results.values() for s in summaries)
+    loads = [s.get("load_average") for summaries in results.values() for s in summaries]
+    recorded = [load for load in loads if load is not None]
+    load_note = (f"the 1-minute load average at the runs' ends was {min(recorded):.1f}-"
+                 f"{max(recorded):.1f} on {os.cpu_count()} cores"
+                 if recorded else "its load was not recorded for these runs")
+    if recorded and len(recorded) < len(loads):
+        load_note += f" (recorded for {len(recorded)} of {len(loads)} runs)"
     wall_total = sum(s["wall_s"] for summaries in results.values() for s in summaries)
     parts = [
         "# STORN with flow guides on the inverted pendulum", "",
@@ -193,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         "and Σ log-det: the last epoch's single-sample averages (test set for KL and Σ log-det); "
         f"test -ELBO and -IWAE: S = {args.iwae_samples} importance samples per test sequence. "
         "Δ columns: paired difference to plain STORN with the same seed (negative: the flow is "
-        "better), with how many seeds it was better on. Wall time per run (training + evaluation) on this machine, which was shared with "
-        f"other jobs (load average 5-13 on 2 cores), so CPU time is the better measure: the "
-        f"runs took {wall_total:.0f} s wall and {cpu_total:.0f} s CPU in all (this invocation "
-        f"{rerun:.0f} s; finished runs are reused).", "",
+        "better), with how many seeds it was better on. Wall time per run (training + "
+        f"evaluation) on this machine, where {load_note}; CPU time is the steadier measure "
+        f"when the machine is shared: the runs took {wall_total:.0f} s wall and "
+        f"{cpu_total:.0f} s CPU in all (this invocation {rerun:.0f} s; finished runs are "
+        "reused).", "",
         table(results), "",
         f"![losses]({losses.relative_to(out.parent)})", "",
         f"![flow terms]({terms.relative_to(out.parent)})", "",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -481,6 +482,12 @@ def test_example_reuse_resumes_and_reuses(tmp_path, capsys):
     capsys.readouterr()
     assert example.main(argv) == 0
     assert "reusing" in capsys.readouterr().err
+    # a table mixing reused and newly trained rows says which times were taken when
+    assert example.main(argv[:1] + ["none,planar"] + argv[2:]) == 0
+    table = (tmp_path / "t.md").read_text()
+    assert "Times were taken in 2 invocations" in table
+    # the VAE's stored run, then this invocation's two planar models
+    assert re.search(r"Trained in [^;]+: VAE; [^;]+: planar K=1, planar K=2\.", table)
     # Another budget is trained afresh.
     assert example.main(argv[:3] + ["3"] + argv[4:]) == 0
     third = json.loads((runs / "none_K0" / "results.json").read_text())
