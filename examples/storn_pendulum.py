@@ -85,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "finished runs with the same settings are reused "
                              "(default: %(default)s)")
     parser.add_argument("--out", default="docs/storn_pendulum.md",
-                        help="Markdown table written here, figures beside it in figures/ "
+                        help="Markdown table written here, its figures beside it in "
+                             "figures/<name>_losses.png and _flow_terms.png "
                              "(default: %(default)s)")
     parser.add_argument("--notes-file", default=None,
                         help="Markdown appended to the results (discussion)")
@@ -195,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     figures = out.parent / "figures"
     first_seed = {f"{flow} K={k}": read_metrics(runs / f"{flow}_K{k}_seed{args.seeds[0]}")
                   for flow, k in results}
-    losses = plot_losses(first_seed, figures / "storn_pendulum_losses.png")
-    terms = plot_flow_terms(first_seed, figures / "storn_pendulum_flow_terms.png")
+    # named after the table, so that tables of several grids can share one docs/ folder
+    losses = plot_losses(first_seed, figures / f"{out.stem}_losses.png")
+    terms = plot_flow_terms(first_seed, figures / f"{out.stem}_flow_terms.png")
     cpu_total = sum(s["cpu_s"] for summaries in results.values() for s in summaries)
     loads = [s.get("load_average") for summaries in results.values() for s in summaries]
     recorded = [load for load in loads if load is not None]

@@ -42,7 +42,9 @@ def test_tiny_grid_writes_the_table_and_reuses_runs(tmp_path, capsys):
     assert [row.split(" | ")[:3] for row in rows] == [["| STORN", "0", "2"], ["| STORN + radial", "2", "2"]]
     assert "(2/2 better)" in rows[1] or "(1/2 better)" in rows[1] or "(0/2 better)" in rows[1]
     assert "1-minute load average at the runs' ends was" in text
-    assert (out.parent / "figures" / "storn_pendulum_losses.png").stat().st_size > 0
+    for figure in ("pendulum_losses.png", "pendulum_flow_terms.png"):  # named after the table
+        assert (out.parent / "figures" / figure).stat().st_size > 0
+        assert f"](figures/{figure})" in text
     timing = json.loads((tmp_path / "runs" / "radial_K2_seed1" / "timing.json").read_text())
     assert timing["wall_s"] > 0 and timing["cpu_s"] > 0 and timing["load_average"] >= 0
     # a second invocation reuses the finished runs: same table, nothing retrained
