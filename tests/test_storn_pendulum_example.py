@@ -42,6 +42,10 @@ def test_tiny_grid_writes_the_table_and_reuses_runs(tmp_path, capsys):
     assert [row.split(" | ")[:3] for row in rows] == [["| STORN", "0", "2"], ["| STORN + radial", "2", "2"]]
     assert "(2/2 better)" in rows[1] or "(1/2 better)" in rows[1] or "(0/2 better)" in rows[1]
     assert "1-minute load average at the runs' ends was" in text
+    header = next(line for line in text.splitlines() if line.startswith("| guide"))
+    columns = header.split(" | ")
+    khat_share = [float(row.split(" | ")[columns.index("share k̂ > 0.7")].split(" ")[0]) for row in rows]
+    assert all(0.0 <= share <= 1.0 for share in khat_share)
     for figure in ("pendulum_losses.png", "pendulum_flow_terms.png"):  # named after the table
         assert (out.parent / "figures" / figure).stat().st_size > 0
         assert f"](figures/{figure})" in text
