@@ -6,10 +6,7 @@ registered flow is covered the moment it is registered.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pyro
@@ -20,9 +17,9 @@ from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoNormalizingFlow
 
 import transforms
+from example_scripts import load_example
 from pyro_storn.diagnostics import draw_importance_samples, summarize_importance
 
-ROOT = Path(__file__).resolve().parents[1]
 PER_VECTOR_FLOWS = transforms.available(event_dim=1)
 NUM_OBS = 4
 
@@ -81,15 +78,7 @@ def test_factory_rejects_sequence_flows():
 
 
 def _load_example():
-    name = "autoguide_flows_example"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = ROOT / "examples" / "autoguide_flows.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    return load_example("autoguide_flows.py")
 
 
 def test_example_quick_run_writes_table_and_figures(tmp_path):

@@ -3,20 +3,14 @@ writes the table with its figures, and reuses finished runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from example_scripts import load_example as _load
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("storn_pendulum", ROOT / "examples" / "storn_pendulum.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load("storn_pendulum.py")
 
 
 def test_help_explains_every_option(capsys):
