@@ -152,9 +152,8 @@ def conditional_prelu(
     """A PReLU layer whose slopes come from the context (``hidden_dims`` default
     ``[10 * input_dim]``)."""
     hidden_dims = [10 * input_dim] if hidden_dims is None else hidden_dims
-    return ConditionalPReLU(
-        context_hypernet(input_dim, context_dim, [input_dim], hidden_dims), log_slope_bound=log_slope_bound
-    )
+    slope_net = context_hypernet(input_dim, context_dim, [input_dim], hidden_dims)
+    return ConditionalPReLU(slope_net, log_slope_bound=log_slope_bound)
 
 
 @register(
