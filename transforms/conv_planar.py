@@ -44,7 +44,7 @@ from torch.distributions import Transform, constraints
 
 from .planar import _log_slope, _slope, solve_planar_equation
 from .hypernet import context_hypernet
-from .registry import register
+from .registry import check_positive_int, register
 
 __all__ = [
     "ConditionedConvPlanar",
@@ -681,8 +681,7 @@ class ConditionedConvPlanar(Transform):
 
 
 def _check_kernel(kernel_size: int, causal: bool) -> None:
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size <= 0:
-        raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
+    check_positive_int("kernel_size", kernel_size)
     if not causal and kernel_size % 2 == 0:
         raise ValueError(
             f"a centred filter needs an odd kernel_size (taps -p..p), got {kernel_size!r}"
@@ -779,8 +778,7 @@ class ConvPlanar(ConditionedConvPlanar, TransformModule):
     volume_preserving = False
 
     def __init__(self, input_dim: int, kernel_size: int = 3, causal: bool = True) -> None:
-        if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim <= 0:
-            raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
+        check_positive_int("input_dim", input_dim)
         _check_kernel(kernel_size, causal)
         super().__init__(self._module_params, causal=causal)
         self.input_dim, self.kernel_size = input_dim, kernel_size
@@ -862,8 +860,7 @@ class ConditionalConvPlanar(ConditionalTransformModule):
         causal: bool = True,
         per_step_bias: bool = True,
     ) -> None:
-        if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim <= 0:
-            raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
+        check_positive_int("input_dim", input_dim)
         _check_kernel(kernel_size, causal)
         super().__init__()
         self.nn = nn

@@ -4,16 +4,13 @@ that they validate and default the same way."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 from pyro.nn import DenseNN
 
+from .registry import check_positive_int
+
 __all__ = ["context_hypernet"]
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def context_hypernet(
@@ -26,11 +23,11 @@ def context_hypernet(
     one layer acting on ``input_dim``-vectors. ``hidden_dims`` defaults to
     ``[10 * input_dim, 10 * input_dim]``, Pyro's default for its conditional flows. Raises
     :class:`ValueError` naming a dimension or width that is not a positive int."""
-    _check_positive_int("input_dim", input_dim)
-    _check_positive_int("context_dim", context_dim)
+    check_positive_int("input_dim", input_dim)
+    check_positive_int("context_dim", context_dim)
     hidden_dims = [10 * input_dim, 10 * input_dim] if hidden_dims is None else list(hidden_dims)
     if not hidden_dims:  # DenseNN needs one hidden layer at least (it reads hidden_dims[0])
         raise ValueError("hidden_dims must list at least one layer width, got []")
     for index, width in enumerate(hidden_dims):
-        _check_positive_int(f"hidden_dims[{index}]", width)
+        check_positive_int(f"hidden_dims[{index}]", width)
     return DenseNN(context_dim, hidden_dims, param_dims=list(param_dims))

@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributions import Transform, constraints
 
 from .hypernet import context_hypernet
-from .registry import register
+from .registry import check_positive_int, register
 
 __all__ = [
     "ConditionedPlanar",
@@ -300,8 +300,7 @@ class Planar(ConditionedPlanar, TransformModule):
     volume_preserving = False
 
     def __init__(self, input_dim: int, init_scale: float | None = None) -> None:
-        if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim <= 0:
-            raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
+        check_positive_int("input_dim", input_dim)
         if init_scale is not None and not (
             isinstance(init_scale, (int, float))
             and not isinstance(init_scale, bool)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributions import Transform, constraints
 
 from .hypernet import context_hypernet
-from .registry import register
+from .registry import check_positive_int, register
 
 __all__ = [
     "ConditionedRadial",
@@ -185,8 +185,7 @@ class Radial(ConditionedRadial, TransformModule):
     volume_preserving = False
 
     def __init__(self, input_dim: int) -> None:
-        if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim <= 0:
-            raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
+        check_positive_int("input_dim", input_dim)
         super().__init__(self._module_params)
         self.input_dim = input_dim
         self.x0 = nn.Parameter(torch.empty(input_dim))

@@ -125,9 +125,15 @@ def info(name: str) -> FlowInfo:
         ) from None
 
 
+def check_positive_int(name: str, value: Any) -> None:
+    """ValueError ``"<name> must be a positive int, got <value>"`` unless ``value`` is an int
+    >= 1 (a bool is not): the one check of sizes, counts and lengths across the families."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def _check_dims(entry: FlowInfo, input_dim: Any, context_dim: Any) -> None:
-    if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim <= 0:
-        raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
+    check_positive_int("input_dim", input_dim)
     if input_dim < entry.min_input_dim:
         able = [n for n in available() if _REGISTRY[n].min_input_dim <= input_dim]
         raise ValueError(
@@ -176,8 +182,7 @@ def flow(
     ``nn.Module``). Conditional: a :class:`ConditionalComposeTransformModule` whose
     ``condition(context)`` gives the composed transform."""
     entry = info(name)
-    if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
-        raise ValueError(f"flow length must be a positive int, got {length!r}")
+    check_positive_int("flow length", length)
     layers = []
     for k in range(length):
         if k > 0 and entry.permute_between and input_dim > 1:
@@ -200,8 +205,7 @@ def factory(name: str, length: int = 1, **kwargs: Any) -> Callable[[int], Compos
             f"flow {name!r} acts on whole sequences (event dim {entry.event_dim}); "
             f"AutoNormalizingFlow needs a per-vector flow: {', '.join(available(event_dim=1))}"
         )
-    if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
-        raise ValueError(f"flow length must be a positive int, got {length!r}")
+    check_positive_int("flow length", length)
 
     def make(input_dim: int) -> ComposeTransformModule:
         return flow(name, input_dim, length, **kwargs)

@@ -21,7 +21,7 @@ from pyro.distributions import ConditionalTransformModule, TransformModule
 from torch.distributions import Transform, constraints
 
 from .hypernet import context_hypernet
-from .registry import register
+from .registry import check_positive_int, register
 
 __all__ = [
     "VARIANTS",
@@ -272,8 +272,7 @@ def _check_variant(
     reverse: bool,
 ) -> tuple[int, int]:
     """(M, H) for a variant, or ValueError naming the bad value."""
-    if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
-        raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
+    check_positive_int("input_dim", input_dim)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
     if num_columns is not None and variant != "orthogonal":
@@ -292,8 +291,7 @@ def _check_variant(
             f"num_columns must be an int in [1, input_dim={input_dim}], got {columns!r}"
         )
     reflections = input_dim if num_householder is None else num_householder
-    if isinstance(reflections, bool) or not isinstance(reflections, int) or reflections < 1:
-        raise ValueError(f"num_householder must be a positive int, got {reflections!r}")
+    check_positive_int("num_householder", reflections)
     return (columns if variant == "orthogonal" else input_dim), reflections
 
 
