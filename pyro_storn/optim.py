@@ -87,14 +87,12 @@ class MultiTensorAdam(PyroOptim):
     def get_state(self) -> dict[str, Any]:
         store = pyro.get_param_store()
         state: dict[str, Any] = {}
-        if self._optimizer is not None:
-            for group in self._optimizer.param_groups:
-                for p in group["params"]:
-                    if p in self._optimizer.state:
-                        state[store.param_name(p)] = {
-                            key: value.clone() if torch.is_tensor(value) else value
-                            for key, value in self._optimizer.state[p].items()
-                        }
+        for p in self.optim_objs:  # every parameter adopted so far
+            if p in self._optimizer.state:
+                state[store.param_name(p)] = {
+                    key: value.clone() if torch.is_tensor(value) else value
+                    for key, value in self._optimizer.state[p].items()
+                }
         # state loaded for parameters not seen yet is kept, not dropped
         state.update({k: v for k, v in self._state_waiting_to_be_consumed.items() if k not in state})
         return {"format": STATE_FORMAT, "state": state}
@@ -112,11 +110,9 @@ class MultiTensorAdam(PyroOptim):
                     )
                 per_name[name] = optimizer_state["state"].get(0, {})
         self._state_waiting_to_be_consumed.update(per_name)
-        if self._optimizer is not None:  # parameters already known take their state now
-            store = pyro.get_param_store()
-            for group in self._optimizer.param_groups:
-                for p in group["params"]:
-                    self._restore(p, store.param_name(p))
+        store = pyro.get_param_store()
+        for p in self.optim_objs:  # parameters already known take their state now
+            self._restore(p, store.param_name(p))
 
     def _restore(self, param: torch.Tensor, name: str) -> None:
         """Give ``param`` the Adam state waiting under ``name``, if any (moment buffers onto
