@@ -179,10 +179,12 @@ def test_planar_with_zero_w_is_an_exact_translation():
         layer.bias.fill_(0.7)
     x = torch.randn(10, 3, dtype=torch.float64)
     y = layer(x)
-    shift = layer.u.detach() * torch.tanh(torch.tensor(0.7, dtype=torch.float64))
-    torch.testing.assert_close(y, x + shift, rtol=0, atol=0)
+    tanh_bias = torch.tanh(torch.tensor(0.7, dtype=torch.float64))
+    shift = layer.u.detach() * tanh_bias
+    # bitwise the layer's one fused multiply-add x + u tanh(b): u_hat is exactly u
+    torch.testing.assert_close(y, torch.addcmul(x, layer.u.detach(), tanh_bias), rtol=0, atol=0)
     torch.testing.assert_close(layer.inv(y.clone()), x, rtol=0, atol=1e-15)
-    # log|det J| = 0, up to one rounding of log((1 - e)^2 + 4e) - 2 log(1 + e).
+    # log|det J| = 0, up to the rounding of log(tanh^2 b + sech^2 b).
     torch.testing.assert_close(
         layer.log_abs_det_jacobian(x, y), torch.zeros(10, dtype=torch.float64), rtol=0, atol=1e-15
     )

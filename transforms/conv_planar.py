@@ -42,7 +42,7 @@ from pyro.distributions import ConditionalTransformModule, TransformModule
 from torch import nn
 from torch.distributions import Transform, constraints
 
-from .planar import _log_slope, _slope, solve_planar_equation
+from .planar import _log_slope, _sech_sq, _slope, solve_planar_equation
 from .hypernet import context_hypernet
 from .registry import check_positive_int, register
 
@@ -121,13 +121,6 @@ def _shift_lag_columns(coefficients: torch.Tensor) -> torch.Tensor:
         for j in range(kernel_size)
     ]
     return torch.stack(columns, dim=-1)
-
-
-def _sech_sq(a: torch.Tensor) -> torch.Tensor:
-    """:math:`h'(a) = \\mathrm{sech}^2 a` through :math:`e^{-2|a|}`: keeps its relative precision
-    where tanh saturates, and never 1 - 1 = 0 when it need not be."""
-    e = torch.exp(-2.0 * a.abs())
-    return 4.0 * e / (1.0 + e).square()
 
 
 # ---- the causal inverse: a scalar recurrence for the preactivations ----------------------------

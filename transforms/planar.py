@@ -46,29 +46,37 @@ _IDENTITY_W_DOT_U = math.log(math.e - 1.0)
 # final differentiable Newton step taken after the solve refines the root once more.
 _CONVERGED_ULPS = 4.0
 
-
-def _slope(a: torch.Tensor, one_plus_c: torch.Tensor) -> torch.Tensor:
-    r""":math:`g'(a) = 1 + c\,h'(a)` written as :math:`\tanh^2 a + (1 + c)\,\mathrm{sech}^2 a`, a
-    sum of two non-negative terms (as :math:`1 + c \ge 0`): no cancellation when
-    :math:`c \to -1`. Both come from :math:`e = \exp(-2|a|)`, so sech^2 keeps its relative
-    precision where tanh saturates (``1 - tanh(a)^2`` rounds to 0 long before sech^2 underflows).
-    """
-    e = torch.exp(-2.0 * a.abs())
-    one_plus_e = 1.0 + e
-    tanh_sq = (torch.expm1(-2.0 * a.abs()) / one_plus_e).square()
-    sech_sq = 4.0 * e / one_plus_e.square()
-    return tanh_sq + one_plus_c * sech_sq
+# Where |a| is clamped for sech^2 a = cosh(a)^-2: cosh(a)^2 overflows at log(max-float) / 2; a
+# margin of 0.5 below it.
+_SECH_CLAMP = {
+    dtype: 0.5 * math.log(torch.finfo(dtype).max) - 0.5
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
 
 
-def _log_slope(a: torch.Tensor, one_plus_c: torch.Tensor) -> torch.Tensor:
-    r""":math:`\log(1 + c\,h'(a))` from the same two-term form, with the common factor
-    :math:`(1 + e)^{-2}` taken out as ``log1p``: finite for any ``a`` (tanh saturated or not).
-    (Nine tensor ops: on small batches their count, not their arithmetic, is the cost.)"""
-    minus_two_abs_a = a.abs() * -2.0
-    e = torch.exp(minus_two_abs_a)  # not 1 + expm1(.), which rounds a small e to 0
-    # (1 - e)^2 + 4 (1 + c) e, with 1 - e = -expm1(-2|a|) exact to rounding for small |a|
-    numerator = torch.addcmul(torch.expm1(minus_two_abs_a).square(), e, one_plus_c, value=4.0)
-    return torch.sub(torch.log(numerator), torch.log1p(e), alpha=2.0)
+def _sech_sq(a: torch.Tensor) -> torch.Tensor:
+    r""":math:`h'(a) = \mathrm{sech}^2 a = \cosh(a)^{-2}`, to a few ulps relative wherever it is
+    representable (``1 - tanh(a)^2`` rounds to 0 long before). :math:`|a|` is clamped where
+    :math:`\cosh(a)^2` would overflow: sech^2 is ~4 / max-float there either way, and the clamp
+    keeps ``sinh`` (cosh's derivative) finite, so the gradient has no ``0 * inf``."""
+    bound = _SECH_CLAMP[a.dtype]
+    return torch.cosh(a.clamp(-bound, bound)).pow(-2)
+
+
+def _slope(a: torch.Tensor, one_plus_c: torch.Tensor, tanh_a: torch.Tensor | None = None) -> torch.Tensor:
+    r""":math:`g'(a) = 1 + c\,h'(a)` written as :math:`\tanh^2 a + (1 + c)\,\mathrm{sech}^2 a`:
+    two non-negative terms (as :math:`1 + c \ge 0`), each to a few ulps relative, so the sum
+    keeps full relative precision for any ``a`` (no ``1 - tanh^2``, which rounds to 0 where tanh
+    saturates) and any ``1 + c`` (never formed from ``c``, which cancels as :math:`c \to -1`).
+    ``tanh_a`` is the forward pass's ``tanh(a)`` when the caller has it."""
+    tanh_a = torch.tanh(a) if tanh_a is None else tanh_a
+    return torch.addcmul(tanh_a.square(), one_plus_c, _sech_sq(a))
+
+
+def _log_slope(a: torch.Tensor, one_plus_c: torch.Tensor, tanh_a: torch.Tensor | None = None) -> torch.Tensor:
+    """:math:`\log(1 + c\,h'(a))`, finite and precise wherever :func:`_slope` is. (Six tensor
+    ops given ``tanh_a``: on small batches their count, not their arithmetic, is the cost.)"""
+    return torch.log(_slope(a, one_plus_c, tanh_a))
 
 
 def solve_planar_equation(
@@ -145,9 +153,9 @@ class ConditionedPlanar(Transform):
     def __init__(self, params: Union[PlanarParams, Callable[[], PlanarParams]]) -> None:
         super().__init__(cache_size=1)
         self._params = params
-        # (x, w.x + b, 1 + w.u_hat) of the last forward call: the log-det of that same x object
-        # reuses them instead of recomputing the constrained parameters (any other x recomputes).
-        self._last_forward: Tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # (x, w.x + b, tanh(w.x + b), 1 + w.u_hat) of the last forward call: the log-det of that
+        # same x object reuses them instead of recomputing them (any other x recomputes).
+        self._last_forward: Tuple[torch.Tensor, ...] | None = None
 
     def _constrained_params(
         self,
@@ -164,13 +172,15 @@ class ConditionedPlanar(Transform):
         bias, u, w = self._params() if callable(self._params) else self._params
         w_dot_u = torch.linalg.vecdot(w, u).unsqueeze(-1)
         w_norm_sq = torch.linalg.vecdot(w, w).unsqueeze(-1)
-        w_nonzero = w_norm_sq > 0
-        # the placeholder 1 keeps the unused branch's gradient finite (0/0 would give NaN)
-        safe_norm_sq = torch.where(w_nonzero, w_norm_sq, 1.0)
+        w_is_zero = w_norm_sq == 0
+        # At w = 0 the divisor is +inf: the correction is 0 and so is its gradient, with no NaN
+        # (0/0) and no second select. masked_fill, not torch.where with a Python scalar: where
+        # wraps and converts the scalar on every call, and on these (D,)-sized tensors that
+        # dispatch overhead, not arithmetic, is the cost (measured ~30 us per layer).
         softplus_w_dot_u = F.softplus(w_dot_u)
-        correction = torch.where(w_nonzero, (softplus_w_dot_u - w_dot_u - 1.0) / safe_norm_sq, 0.0)
+        correction = (softplus_w_dot_u - w_dot_u - 1.0) / w_norm_sq.masked_fill(w_is_zero, math.inf)
         u_hat = torch.addcmul(u, correction, w)
-        one_plus_c = torch.where(w_nonzero, softplus_w_dot_u, 1.0)
+        one_plus_c = softplus_w_dot_u.masked_fill(w_is_zero, 1.0)
         return bias, u_hat, w, one_plus_c
 
     @staticmethod
@@ -187,18 +197,21 @@ class ConditionedPlanar(Transform):
         bias, u_hat, w, one_plus_c = self._constrained_params()
         self._check_input(x, w, "x")
         preactivation = self._preactivation(x, w, bias)
-        self._last_forward = (x, preactivation, one_plus_c)
-        # = x + u_hat tanh(a), bitwise; the sum is taken in place in the product (a temporary that
-        # autograd does not keep): one (..., D) allocation per layer instead of two. Freeing and
-        # allocating megabyte temporaries in turn makes glibc return and re-fault the pages: at
-        # batch 4096, D = 64 that costs ~0.8 ms per layer, measured, against ~0.04 ms in place.
-        return (u_hat * torch.tanh(preactivation)).add_(x)
+        tanh_a = torch.tanh(preactivation)
+        self._last_forward = (x, preactivation, tanh_a, one_plus_c)
+        # x + u_hat tanh(a) in one op with one (..., D) allocation. (Freeing and allocating
+        # megabyte temporaries in turn makes glibc return and re-fault the pages: at batch 4096,
+        # D = 64 a separate product and sum cost ~0.8 ms per layer, measured, against ~0.04 ms.)
+        return torch.addcmul(x, u_hat, tanh_a)
 
     @staticmethod
     def _preactivation(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """:math:`\mathbf{w}^T\mathbf{x} + b` with a trailing dim of 1: one matrix product when
-        ``w`` is one vector for the whole batch (an unconditional layer), else per row."""
+        """:math:`\mathbf{w}^T\mathbf{x} + b` with a trailing dim of 1: one fused matrix product
+        and sum when ``w`` is one vector for the whole batch (an unconditional layer) and ``x`` a
+        matrix, one product then the sum for more batch dims, else a product per row."""
         if w.dim() == 1:
+            if x.dim() == 2 and bias.dim() <= 1:
+                return torch.addmm(bias, x, w.unsqueeze(-1))
             return torch.matmul(x, w.unsqueeze(-1)) + bias
         return torch.linalg.vecdot(w, x).unsqueeze(-1) + bias
 
@@ -225,11 +238,12 @@ class ConditionedPlanar(Transform):
         computed from ``x``: from the last forward call's intermediates if it was this very
         ``x`` object, afresh otherwise (never from the output ``y``)."""
         if self._last_forward is not None and self._last_forward[0] is x:
-            _, preactivation, one_plus_c = self._last_forward
+            _, preactivation, tanh_a, one_plus_c = self._last_forward
         else:
             bias, _, w, one_plus_c = self._constrained_params()
             preactivation = self._preactivation(x, w, bias)
-        return _log_slope(preactivation, one_plus_c).squeeze(-1)
+            tanh_a = None
+        return _log_slope(preactivation, one_plus_c, tanh_a).squeeze(-1)
 
 
 class Planar(ConditionedPlanar, TransformModule):
