@@ -34,7 +34,14 @@ from pyro_storn.data.sequences import load_sequences
 from pyro_storn.diagnostics import KHAT_THRESHOLD
 from pyro_storn.plots import plot_flow_terms, plot_losses
 from pyro_storn.report import run_summary
-from pyro_storn.runs import CONFIG_NAME, EVALUATION_NAME, TrainConfig, evaluate_run, train
+from pyro_storn.runs import (
+    CONFIG_NAME,
+    EVALUATION_NAME,
+    TrainConfig,
+    evaluate_run,
+    train,
+    validation_split,
+)
 from pyro_storn.training import read_metrics
 
 COLUMNS = (
@@ -46,6 +53,7 @@ COLUMNS = (
     ("sum_log_det", "Σ log-det"),
     ("psis_khat_median", "median k̂"),
     ("psis_khat_share_above", f"share k̂ > {KHAT_THRESHOLD}"),
+    ("evaluated_epoch", "evaluated epoch"),
     ("wall_s", "wall time (s)"),
     ("cpu_s", "CPU time (s)"),
 )
@@ -80,6 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                "(default: 0.001)")
     parser.add_argument("--kl-anneal-epochs", type=int, default=0,
                         help="linear KL warm-up over this many epochs; 0: none (default: 0)")
+    parser.add_argument("--validation-fraction", type=float, default=0.0,
+                        help="share of the training sequences held out for validation; each "
+                             "run is then evaluated at its epoch of lowest validation -ELBO "
+                             "instead of its last (default: 0, the last epoch)")
     parser.add_argument("--iwae-samples", type=int, default=100,
                         help="importance samples S of the test IWAE bound (default: 100)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -116,7 +128,8 @@ def _finished(run_dir: Path, config: TrainConfig, samples: int) -> bool:
         evaluation = json.loads((run_dir / EVALUATION_NAME).read_text())
     except (OSError, ValueError, KeyError):
         return False
-    return (stored == json.loads(json.dumps(config.__dict__))
+    # a stored config from before a field existed reads as that field's default
+    return (TrainConfig.from_dict(stored) == config
             and len(read_metrics(run_dir)) == config.epochs
             and evaluation.get("num_samples") == samples)
 
@@ -187,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     data_path = runs / "pendulum.npz"
     load_or_simulate(data_path, PendulumParams(args.n_sequences, args.n_steps, seed=0))
     data = load_sequences(data_path)
+    TrainConfig(validation_fraction=args.validation_fraction).validate()  # before any run,
+    validation_split(data.x.shape[0], args.validation_fraction)  # a bad fraction is named
     results: dict[tuple[str, int], list[dict]] = {}
     started = time.perf_counter()
     for flow, k in grid(args):
@@ -196,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 hidden_dim=args.hidden_dim, epochs=args.epochs, batch_size=args.batch_size,
                 lr=args.lr, seed=seed, device=args.device,
                 kl_anneal_epochs=args.kl_anneal_epochs,
+                validation_fraction=args.validation_fraction,
             )
             run_dir = runs / f"{flow}_K{k}_seed{seed}"
             print(f"[storn_pendulum] {run_dir.name}", file=sys.stderr)
@@ -221,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     psis_draws = ", ".join(sorted({str(s["psis_num_samples"]) for summaries in results.values()
                                    for s in summaries if "psis_num_samples" in s}))
     psis_draws = f"{psis_draws} draws each" if psis_draws else "not computed for these runs"
+    if args.validation_fraction:
+        n_validation = len(validation_split(data.x.shape[0], args.validation_fraction)[1])
+        selection = (f"{n_validation} of the training sequences ({args.validation_fraction:g}) are "
+                     "held out for validation, and each run is evaluated at its epoch of lowest "
+                     "validation -ELBO (column 'evaluated epoch')")
+    else:
+        selection = "each run is evaluated at its last epoch"
     parts = [
         "# STORN with flow guides on the inverted pendulum", "",
         "Written by `examples/storn_pendulum.py`. Command:", "", f"    {command}", "",
@@ -228,11 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         f"sequences x {args.n_steps} steps, features [cos θ, sin θ, θ̇, reward], 80/20 "
         f"train/test split (data seed 0). Model: latent {args.latent_dim}, hidden "
         f"{args.hidden_dim} (GRU), batch {args.batch_size}, Adam {args.lr}, "
-        f"{args.epochs} epochs, KL annealing over {args.kl_anneal_epochs} epochs. Seeds "
+        f"{args.epochs} epochs, KL annealing over {args.kl_anneal_epochs} epochs; {selection}. Seeds "
         f"{', '.join(map(str, args.seeds))}. Flows are conditioned on the encoder state when "
         "they can be.", "",
         "Losses in nats per sequence (lower is better), mean ± sd over seeds. Train -ELBO, KL "
-        "and Σ log-det: the last epoch's single-sample averages (test set for KL and Σ log-det); "
+        "and Σ log-det: the evaluated epoch's single-sample averages (test set for KL and "
+        "Σ log-det); "
         f"test -ELBO and -IWAE: S = {args.iwae_samples} importance samples per test sequence. "
         "Δ columns: paired difference to plain STORN with the same seed (negative: the flow is "
         "better), with how many seeds it was better on. k̂: PSIS Pareto k̂ of the guide as an "

@@ -60,6 +60,24 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _checkpoint_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                        help="which trained state: best, the epoch of lowest validation -ELBO "
+                        "when the run held out validation sequences (train "
+                        "--validation-fraction), else the last; last, the last epoch's "
+                        "(default: best)")
+
+
 def _particle_batch_option(parser: argparse.ArgumentParser, samples_flag: str) -> None:
     from .runs import ROWS_PER_PASS
 
@@ -105,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gradient-norm clipping (per parameter tensor)")
     p.add_argument("--kl-anneal-epochs", type=_non_negative_int, default=0,
                    help="linear KL warm-up over this many epochs (0: none)")
+    p.add_argument("--validation-fraction", type=_fraction, default=0.0,
+                   help="hold out this share of the training sequences (the same ones for "
+                   "every run on the data file): not trained on, scored each epoch, and the "
+                   "state of the epoch with the lowest validation -ELBO kept as best.pt, which "
+                   "evaluate, diagnose and generate then use (default 0: none, the last epoch)")
     p.add_argument("--checkpoint-every", type=_positive_int, default=1, help="epochs")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (its stored settings; --epochs is the total)")
@@ -127,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draws per test sequence for k-hat, IWAE and ESS (>= 2); equal to "
                    "--samples, one set of draws serves both (default: 100)")
     _particle_batch_option(p, "--psis-samples")
+    _checkpoint_option(p)
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: the training device)")
 
@@ -144,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draws S per test sequence (>= 2; default: 100)")
     _particle_batch_option(p, "--num-samples")
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/diagnostics)")
+    _checkpoint_option(p)
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: the training device)")
 
@@ -154,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", type=_positive_int, default=1, help="observed steps")
     p.add_argument("--sequences", type=_positive_int, default=4, help="test sequences")
     p.add_argument("--samples", type=_positive_int, default=5, help="generations per sequence")
+    _checkpoint_option(p)
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--device", default=None)
 
@@ -197,7 +223,7 @@ def _train(args: argparse.Namespace) -> int:
         hidden_dim=args.hidden_dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, device=args.device, num_particles=args.num_particles,
         clip_norm=args.clip_norm, kl_anneal_epochs=args.kl_anneal_epochs,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=args.checkpoint_every, validation_fraction=args.validation_fraction,
     )
     config.validate()
     data = load_sequences(args.data)
@@ -227,6 +253,10 @@ def _train(args: argparse.Namespace) -> int:
     last = result.history[-1] if result.history else {}
     print(f"trained {args.out}: {result.epochs_completed} epochs, test -ELBO "
           f"{last.get('test/neg_elbo', float('nan')):.3f} per sequence")
+    if getattr(result, "best_epoch", None) is not None:
+        best = next(r for r in result.history if r["epoch"] == result.best_epoch)
+        print(f"best validation -ELBO {best['validation/neg_elbo']:.3f} per sequence at epoch "
+              f"{result.best_epoch} (best.pt)")
     return 0
 
 
@@ -246,7 +276,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     _check_draws(args.psis_samples, args.particle_batch_size, "--psis-samples")
     result = evaluate_run(args.run_dir, num_samples=args.samples, seed=args.seed,
                           device=args.device, psis_samples=args.psis_samples,
-                          particle_batch_size=args.particle_batch_size)
+                          particle_batch_size=args.particle_batch_size, checkpoint=args.checkpoint)
+    state = result["checkpoint"]
+    print(f"{state['which']} state, epoch {state['epoch']}:")
     print(f"test -ELBO {result['neg_elbo_mean']:.3f} ± {result['neg_elbo_sd']:.3f} per sequence "
           f"({result['neg_elbo_per_step']:.4f} per step); -IWAE({args.samples}) "
           f"{result['neg_iwae_mean']:.3f} ({result['neg_iwae_per_step']:.4f} per step)")
@@ -261,7 +293,7 @@ def _diagnose(args: argparse.Namespace) -> None:
     _check_draws(args.num_samples, args.particle_batch_size, "--num-samples")
     paths = diagnose_run(args.run_dir, args.out, num_samples=args.num_samples,
                          particle_batch_size=args.particle_batch_size, seed=args.seed,
-                         device=args.device)
+                         device=args.device, checkpoint=args.checkpoint)
     print(f"wrote {', '.join(str(path) for path in paths.values())}")
 
 
@@ -272,7 +304,8 @@ def _generate(args: argparse.Namespace) -> None:
 
     _check_device(args.device)
     out = generate_run(args.run_dir, n_prefix=args.prefix, n_sequences=args.sequences,
-                       num_samples=args.samples, seed=args.seed, device=args.device)
+                       num_samples=args.samples, seed=args.seed, device=args.device,
+                       checkpoint=args.checkpoint)
     figure = plot_generation(out["actual"][0], out["generated"][:, 0], args.prefix,
                              _feature_names(out["actual"].shape[-1]),
                              Path(args.run_dir) / "figures" / "generation.png")

@@ -486,6 +486,10 @@ def train_distributed(
         stored = json.loads((run_dir / CONFIG_NAME).read_text())
         config = TrainConfig.from_dict({**stored["config"], "epochs": config.epochs})
     config.validate()
+    if config.validation_fraction:
+        raise ValueError(f"validation_fraction={config.validation_fraction}: holding out "
+                         "validation sequences (best.pt) is not supported by the distributed "
+                         "trainer; train without --distributed")
     env = init_distributed(config.device)
     try:
         x, mask = torch.from_numpy(data.x), torch.from_numpy(data.mask)

@@ -20,25 +20,36 @@ __all__ = ["run_summary", "write_report", "format_table", "khat_sentence"]
 
 
 def run_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The numbers of a run: config, last epoch's metrics, test bounds (when evaluated)."""
+    """The numbers of a run: config, the evaluated epoch's metrics, test bounds (when evaluated).
+
+    The evaluated epoch is the one whose state ``evaluation.json`` scored (its ``"checkpoint"``:
+    the best validation epoch, see :func:`~pyro_storn.runs.load_run`), else the last one; the
+    single-sample columns (train -ELBO, KL, Σ log-det) come from it, so that they describe the
+    same parameters as the bounds."""
     run_dir = Path(run_dir)
     record = read_run_config(run_dir)
     history = read_metrics(run_dir)
     if not history:
         raise ValueError(f"{str(run_dir)!r} has no completed epoch in its metrics.jsonl")
-    last = history[-1]
+    evaluation_path = run_dir / EVALUATION_NAME
+    evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.exists() else None
+    state = (evaluation or {}).get("checkpoint") or {}
+    by_epoch = {r["epoch"]: r for r in history}
+    evaluated = by_epoch.get(state.get("epoch"), history[-1]) if state.get("which") == "best" \
+        else history[-1]
     config = record["config"]
     summary: dict[str, Any] = {
         "flow": config["flow"], "flow_length": config["flow_length"],
-        "epochs": last["epoch"], "seed": config["seed"],
+        "epochs": history[-1]["epoch"], "evaluated_epoch": evaluated["epoch"],
+        "seed": config["seed"],
         "train_time_s": float(sum(r.get("epoch_seconds", 0.0) for r in history)),
-        "train_neg_elbo": last.get("train/neg_elbo"), "test_neg_elbo_1": last.get("test/neg_elbo"),
-        "kl": last.get("test/kl"), "recon_nll": last.get("test/recon_nll"),
-        "sum_log_det": last.get("test/sum_log_det"), "n_steps": record["data"]["n_steps"],
+        "train_neg_elbo": evaluated.get("train/neg_elbo"),
+        "validation_neg_elbo": evaluated.get("validation/neg_elbo"),
+        "test_neg_elbo_1": evaluated.get("test/neg_elbo"),
+        "kl": evaluated.get("test/kl"), "recon_nll": evaluated.get("test/recon_nll"),
+        "sum_log_det": evaluated.get("test/sum_log_det"), "n_steps": record["data"]["n_steps"],
     }
-    evaluation_path = run_dir / EVALUATION_NAME
-    if evaluation_path.exists():
-        evaluation = json.loads(evaluation_path.read_text())
+    if evaluation is not None:
         for key in ("neg_elbo_mean", "neg_elbo_sd", "neg_iwae_mean", "neg_iwae_sd",
                     "neg_elbo_per_step", "neg_iwae_per_step", "num_samples"):
             summary[f"test_{key}"] = evaluation[key]
@@ -76,8 +87,11 @@ def format_table(summaries: Mapping[str, dict[str, Any]]) -> str:
         if "psis_num_samples" in s:
             psis_iwae = f"{_fmt(s['psis_neg_iwae'])} ({s['psis_num_samples']})"
             psis_ess = f"{_fmt(s['psis_ess'], 1)} of {s['psis_num_samples']}"
+        epochs = str(s["epochs"])
+        if s.get("evaluated_epoch", s["epochs"]) != s["epochs"]:
+            epochs += f" (best {s['evaluated_epoch']})"  # the state evaluation.json scored
         lines.append(
-            f"| {name} | {s['flow']} | {s['flow_length']} | {s['epochs']} | "
+            f"| {name} | {s['flow']} | {s['flow_length']} | {epochs} | "
             f"{_fmt(s['train_neg_elbo'])} | {_fmt(s.get('test_neg_elbo_mean'))} | {iwae} | "
             f"{_fmt(s.get('test_neg_elbo_per_step'), 4)} | "
             f"{_fmt(s.get('test_neg_iwae_per_step'), 4)} | {_fmt(s['kl'])} | "

@@ -3,7 +3,8 @@ the demo and the examples.
 
 A run directory holds ``config.json`` (the :class:`TrainConfig`, the model's constructor
 arguments and which data file, with its sha256), ``metrics.jsonl`` (one line per epoch),
-``checkpoint.pt`` (and ``checkpoint.pt.prev``), then ``evaluation.json`` and ``generated.npz``
+``checkpoint.pt`` (and ``checkpoint.pt.prev``), ``best.pt`` when part of the training sequences
+is held out for validation (the state at the epoch of lowest validation -ELBO), then ``evaluation.json`` and ``generated.npz``
 once evaluated and generated, and ``diagnostics/`` (ArviZ InferenceData and figures) once
 diagnosed.
 """
@@ -30,7 +31,7 @@ from .diagnostics import write_diagnostics
 from .evaluation import bounds_summary, evaluate_bounds, sequence_metrics
 from .optim import MultiTensorAdam
 from .storn import RNN_TYPES, STORN
-from .training import CHECKPOINT_NAME, FitResult, fit
+from .training import BEST_NAME, CHECKPOINT_NAME, FitResult, fit
 
 __all__ = [
     "TrainConfig",
@@ -38,6 +39,7 @@ __all__ = [
     "EVALUATION_NAME",
     "GENERATED_NAME",
     "build_storn",
+    "validation_split",
     "train",
     "load_run",
     "load_run_data",
@@ -60,6 +62,12 @@ STORN_DIMS = {"z": ["sequence", "time", "latent"], "x": ["sequence", "time", "fe
 ROWS_PER_PASS = 4096
 # The generalized Pareto fit behind k-hat needs at least two draws.
 MIN_PSIS_SAMPLES = 2
+# The shuffle that picks the validation sequences: fixed, so every run on one data file (any
+# guide, any training seed) holds out the same sequences and paired comparisons stay paired.
+VALIDATION_SPLIT_SEED = 0
+# What best.pt selects on: the validation split's single-sample -ELBO per sequence.
+VALIDATION_METRIC = "validation/neg_elbo"
+CHECKPOINT_CHOICES = ("best", "last")
 
 
 @dataclass
@@ -81,6 +89,7 @@ class TrainConfig:
     checkpoint_every: int = 1
     rnn: str = "gru"
     condition_flow: bool = True
+    validation_fraction: float = 0.0
 
     def validate(self) -> "TrainConfig":
         """``ValueError`` naming the first bad value; the config itself otherwise."""
@@ -96,6 +105,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if isinstance(self.validation_fraction, bool) or not isinstance(
+                self.validation_fraction, (int, float)) or not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be a number in [0, 1), got "
+                             f"{self.validation_fraction!r}")
         if not (isinstance(self.clip_norm, (int, float)) and self.clip_norm > 0):
             raise ValueError(f"clip_norm must be a positive number, got {self.clip_norm!r}")
         if self.rnn not in RNN_TYPES:
@@ -147,18 +160,33 @@ def _tensors(data: SequenceData) -> tuple[torch.Tensor, ...]:
             torch.from_numpy(data.x_test), torch.from_numpy(data.mask_test))
 
 
+def validation_split(n_train: int, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fit_index, validation_index)``: ``round(fraction * n_train)`` of the training sequences
+    held out, chosen by a fixed shuffle (:data:`VALIDATION_SPLIT_SEED`), both sorted. ``ValueError``
+    when a non-zero fraction would hold out none, or all but none."""
+    n_validation = round(fraction * n_train)
+    if fraction > 0 and not 1 <= n_validation < n_train:
+        raise ValueError(f"validation_fraction {fraction} of {n_train} training sequences holds out "
+                         f"{n_validation}; it must leave at least one for validation and one for "
+                         "training")
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(VALIDATION_SPLIT_SEED))
+    return order[n_validation:].sort().values, order[:n_validation].sort().values
+
+
 def run_record(
     config: TrainConfig, storn: STORN, data: SequenceData, data_path: str | os.PathLike | None
 ) -> dict[str, Any]:
     """What ``config.json`` holds: the config, the model's constructor arguments, and which data
-    (path, sha256, sizes)."""
+    (path, sha256, sizes; ``n_train`` counts the validation sequences too)."""
+    n_validation = len(validation_split(int(data.x.shape[0]), config.validation_fraction)[1])
     return {
         "config": asdict(config),
         "model": storn.config(),
         "data": {
             "path": None if data_path is None else str(Path(data_path).resolve()),
             "sha256": None if data_path is None else _sha256(Path(data_path)),
-            "n_train": int(data.x.shape[0]), "n_test": int(data.x_test.shape[0]),
+            "n_train": int(data.x.shape[0]), "n_validation": n_validation,
+            "n_test": int(data.x_test.shape[0]),
             "n_steps": int(data.x.shape[1]), "input_dim": data.input_dim,
         },
     }
@@ -174,13 +202,19 @@ def train(
     progress: bool = True,
 ) -> FitResult:
     """Train STORN on ``data`` into ``run_dir``; on ``resume`` the stored config is used, with
-    ``config.epochs`` as the new total."""
+    ``config.epochs`` as the new total. With ``config.validation_fraction > 0`` that share of the
+    training sequences (:func:`validation_split`) is held out: not trained on, scored every epoch
+    (``validation/*`` in ``metrics.jsonl``), and the state of the epoch with the lowest validation
+    -ELBO is kept in ``best.pt``, which :func:`load_run` then prefers."""
     run_dir = Path(run_dir)
     if resume:
         stored = json.loads((run_dir / CONFIG_NAME).read_text())
         config = TrainConfig.from_dict({**stored["config"], "epochs": config.epochs})
     config.validate()
     x, mask, x_test, mask_test = _tensors(data)
+    fit_index, validation_index = validation_split(x.shape[0], config.validation_fraction)
+    x_validation, mask_validation = x[validation_index], mask[validation_index]
+    x, mask = x[fit_index], mask[fit_index]
     pyro.set_rng_seed(config.seed)
     storn = build_storn(data.input_dim, config)
     storn.set_data_statistics(x, mask)
@@ -195,7 +229,11 @@ def train(
 
     def epoch_metrics(epoch: int) -> dict[str, Any]:
         metrics: dict[str, Any] = {"kl_weight": storn.kl_weight}
-        for split, (xs, ms) in (("train", (x, mask)), ("test", (x_test, mask_test))):
+        splits = {"train": (x, mask), "validation": (x_validation, mask_validation),
+                  "test": (x_test, mask_test)}
+        for split, (xs, ms) in splits.items():
+            if xs.shape[0] == 0:
+                continue
             values = sequence_metrics(storn, xs, ms)
             metrics.update({f"{split}/{name}": value for name, value in values.items()})
         return metrics
@@ -208,6 +246,7 @@ def train(
         device=config.device, epoch_metrics=epoch_metrics, before_epoch=before_epoch,
         checkpoint_every=config.checkpoint_every, resume=resume, progress=progress,
         extra_state={"model": storn.config()},
+        keep_best=VALIDATION_METRIC if len(validation_index) else None,
     )
 
 
@@ -218,16 +257,32 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_run(run_dir: str | os.PathLike, device: str | None = None) -> tuple[STORN, dict]:
-    """The trained STORN of ``run_dir`` (from its checkpoint) and the run's config record."""
+def _stored(path: Path) -> bool:
+    return path.exists() or path.with_name(path.name + ".prev").exists()
+
+
+def load_run(
+    run_dir: str | os.PathLike, device: str | None = None, checkpoint: str = "best"
+) -> tuple[STORN, dict]:
+    """The trained STORN of ``run_dir`` and the run's config record, with
+    ``record["checkpoint"] = {"which": "best" | "last", "epoch": E}`` saying which state it is.
+
+    :param checkpoint: ``"best"``: the state of the lowest validation -ELBO (``best.pt``) when the
+        run held out validation sequences, else the last one; ``"last"``: the last epoch's."""
+    if checkpoint not in CHECKPOINT_CHOICES:
+        raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINT_CHOICES)}, got "
+                         f"{checkpoint!r}")
     record = read_run_config(run_dir)
-    checkpoint = Path(run_dir) / CHECKPOINT_NAME
-    if not checkpoint.exists() and not checkpoint.with_name(CHECKPOINT_NAME + ".prev").exists():
+    last, best = Path(run_dir) / CHECKPOINT_NAME, Path(run_dir) / BEST_NAME
+    if not _stored(last):
         raise ValueError(f"{str(run_dir)!r} has no checkpoint yet (train it first)")
+    which = "best" if checkpoint == "best" and _stored(best) else "last"
+    state = load_checkpoint(best if which == "best" else last, map_location="cpu")
     device = device or record["config"]["device"]
     model_args = dict(record["model"])
     storn = STORN(**model_args)
-    storn.load_state_dict(load_checkpoint(checkpoint, map_location="cpu")["module"])
+    storn.load_state_dict(state["module"])
+    record["checkpoint"] = {"which": which, "epoch": int(state["epoch"])}
     return storn.to(device).eval(), record
 
 
@@ -294,6 +349,7 @@ def evaluate_run(
     device: str | None = None,
     psis_samples: int | None = 100,
     particle_batch_size: int | None = None,
+    checkpoint: str = "best",
 ) -> dict[str, Any]:
     """Test -ELBO and -IWAE (``num_samples``) per sequence and per step, and the PSIS
     diagnostics of the guide on the test split, written to ``evaluation.json``.
@@ -305,12 +361,14 @@ def evaluate_run(
     :param particle_batch_size: draws per vectorised pass of the PSIS draws (must divide
         ``psis_samples``); default: as many as keep draws x sequences within
         :data:`ROWS_PER_PASS`.
+    :param checkpoint: which state, as in :func:`load_run`; the result's ``"checkpoint"`` says
+        which was used and its epoch.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     if psis_samples is not None:
         _check_draw_sizes(psis_samples, particle_batch_size, "psis_samples")
-    storn, record = load_run(run_dir, device)
+    storn, record = load_run(run_dir, device, checkpoint)
     # A checkpoint taken during KL annealing may carry kl_weight < 1, which would scale log q
     # and log p(z) inside the importance weights: evaluate the model itself.
     storn.kl_weight = 1.0
@@ -330,6 +388,7 @@ def evaluate_run(
     summary = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}
     if importance is not None:
         summary["psis"] = importance.to_dict()
+    summary["checkpoint"] = record["checkpoint"]
     (Path(run_dir) / EVALUATION_NAME).write_text(json.dumps(summary) + "\n")
     return summary
 
@@ -341,15 +400,17 @@ def diagnose_run(
     particle_batch_size: int | None = None,
     seed: int = 0,
     device: str | None = None,
+    checkpoint: str = "best",
 ) -> dict[str, Path]:
     """ArviZ InferenceData and diagnostic figures of a trained run's guide on the test split,
     by :func:`~pyro_storn.diagnostics.write_diagnostics`, into ``out_dir`` (default
     ``RUN_DIR/diagnostics``): ``inference_data.nc`` (posterior ``z`` with dims (chain, draw,
     sequence, time, latent), posterior predictive and pointwise log-likelihood of ``x``, the
     data, log-weights), ``importance.json``, ``khat.png``, ``log_weights.png``, ``pair.png``.
-    Returns ``{kind: path}``. Everything is checked before ``out_dir`` is created."""
+    Returns ``{kind: path}``. Everything is checked before ``out_dir`` is created.
+    ``checkpoint``: which state, as in :func:`load_run`."""
     _check_draw_sizes(num_samples, particle_batch_size, "num_samples")
-    storn, record = load_run(run_dir, device)
+    storn, record = load_run(run_dir, device, checkpoint)
     storn.kl_weight = 1.0  # as in evaluate_run: the model's own weights, not annealed ones
     data = load_run_data(record)
     out_dir = Path(run_dir) / DIAGNOSTICS_DIR if out_dir is None else Path(out_dir)
@@ -371,11 +432,12 @@ def generate_run(
     num_samples: int = 5,
     seed: int = 0,
     device: str | None = None,
+    checkpoint: str = "best",
 ) -> dict[str, np.ndarray]:
     """Observe the first ``n_prefix`` steps of the first ``n_sequences`` test sequences and
     generate the rest ``num_samples`` times; writes ``generated.npz`` (``actual`` (B, T, D),
-    ``generated`` (S, B, T, D), ``mask``, ``n_prefix``)."""
-    storn, record = load_run(run_dir, device)
+    ``generated`` (S, B, T, D), ``mask``, ``n_prefix``). ``checkpoint`` as in :func:`load_run`."""
+    storn, record = load_run(run_dir, device, checkpoint)
     data = load_run_data(record)
     n_steps = data.x_test.shape[1]
     if not 1 <= n_prefix < n_steps:

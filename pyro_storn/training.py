@@ -4,7 +4,8 @@
 loss, appends one JSON line per epoch to ``metrics.jsonl`` (the train loss plus whatever the
 ``epoch_metrics`` callback returns), and writes checkpoints (module, Pyro optimiser state, epoch,
 position in the epoch, RNG states) atomically every ``checkpoint_every`` epochs and on Ctrl-C.
-``resume=True`` continues from the checkpoint so that an interrupted and resumed run gives the
+With ``keep_best=KEY`` the module's state at the epoch with the lowest ``KEY`` in its metrics
+(e.g. a validation -ELBO) is also kept, in ``best.pt``. ``resume=True`` continues from the checkpoint so that an interrupted and resumed run gives the
 same losses as an uninterrupted one: the epoch's shuffle is a function of ``(seed, epoch)`` only,
 and the RNG states are restored.
 
@@ -35,9 +36,10 @@ from pyro import poutine
 from pyro.infer.util import is_validation_enabled, zero_grads
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, previous_path, rng_state, save_checkpoint, set_rng_state
 
 __all__ = [
+    "BEST_NAME",
     "CHECKPOINT_NAME",
     "METRICS_NAME",
     "FitResult",
@@ -49,6 +51,7 @@ __all__ = [
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"
 METRICS_NAME = "metrics.jsonl"
 # Distinct epochs get unrelated shuffles: the generator seed is seed * _EPOCH_STRIDE + epoch.
 _EPOCH_STRIDE = 1_000_003
@@ -68,12 +71,14 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class FitResult:
-    """What :func:`fit` did: epochs completed in all, whether Ctrl-C stopped it, the metrics."""
+    """What :func:`fit` did: epochs completed in all, whether Ctrl-C stopped it, the metrics,
+    and with ``keep_best`` the epoch (1-based) whose state ``best.pt`` holds."""
 
     epochs_completed: int
     interrupted: bool
     checkpoint: Path | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int | None = None
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -161,6 +166,7 @@ def fit(
     extra_state: dict[str, Any] | None = None,
     progress: bool = True,
     log_every: int = 10,
+    keep_best: str | None = None,
 ) -> FitResult:
     """Train ``module`` (whose parameters ``model`` and ``guide`` register with
     :func:`pyro.module`) by SVI on minibatches of ``data``.
@@ -173,6 +179,10 @@ def fit(
     :param before_epoch: called with the 0-based epoch before it starts (e.g. KL annealing).
     :param extra_state: stored in the checkpoint as ``"extra"`` (e.g. how to rebuild the model).
     :param resume: continue from ``run_dir/checkpoint.pt``; ``ValueError`` if there is none.
+    :param keep_best: a key of the epoch records (from ``epoch_metrics``) to minimise: after each
+        epoch whose value is finite and lower than every earlier one, the module's state is
+        written to ``run_dir/best.pt`` with the epoch and the value. A key the records lack is a
+        ``ValueError`` after the first epoch, naming the keys there are.
     :returns: :class:`FitResult`; on Ctrl-C a checkpoint is written and ``interrupted`` is set.
     :raises NonFiniteLossError: when the loss becomes NaN or infinite.
     """
@@ -213,6 +223,27 @@ def fit(
     module.to(device)
 
     last_good: Path | None = checkpoint_path if resume else None
+    best_path = run_dir / BEST_NAME
+    best_epoch, best_value = None, math.inf
+    if keep_best is not None and resume and best_path.exists():
+        # epochs after the checkpoint run again identically, so the stored best stands
+        best = load_checkpoint(best_path, map_location="cpu")
+        best_epoch, best_value = best["epoch"], best["value"]
+    elif not resume:
+        for stale in (best_path, previous_path(best_path)):  # another run's best, not this one's
+            stale.unlink(missing_ok=True)
+
+    def keep_if_best(record: dict[str, Any]) -> None:
+        nonlocal best_epoch, best_value
+        if keep_best not in record:
+            raise ValueError(f"keep_best={keep_best!r} is not in the epoch metrics; they have "
+                             f"{', '.join(sorted(record))}")
+        value = float(record[keep_best])
+        if math.isfinite(value) and value < best_value and _finite_module(module):
+            save_checkpoint(best_path, {"module": module.state_dict(), "epoch": record["epoch"],
+                                        "metric": keep_best, "value": value,
+                                        "extra": extra_state or {}})
+            best_epoch, best_value = record["epoch"], value
 
     def save(epoch: int, batch: int, epoch_losses: torch.Tensor | None) -> None:
         nonlocal last_good
@@ -282,6 +313,8 @@ def fit(
                 record.update(epoch_metrics(epoch + 1))
             with open(run_dir / METRICS_NAME, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
+            if keep_best is not None:
+                keep_if_best(record)
             completed = epoch + 1
             if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs or interrupt.raised:
                 save(epoch + 1, 0, None)
@@ -290,4 +323,4 @@ def fit(
                 break
     bar.close()
     return FitResult(epochs_completed=completed, interrupted=interrupted,
-                     checkpoint=last_good, history=read_metrics(run_dir))
+                     checkpoint=last_good, history=read_metrics(run_dir), best_epoch=best_epoch)

@@ -50,3 +50,31 @@ def test_tiny_grid_writes_the_table_and_reuses_runs(tmp_path, capsys):
     assert example.main(argv) == 0
     assert (tmp_path / "runs" / "radial_K2_seed1" / "timing.json").stat().st_mtime_ns == before
     assert [line for line in out.read_text().splitlines() if line.startswith("| STORN")] == rows
+
+
+def test_validation_fraction_evaluates_the_best_epoch(tmp_path):
+    example = load_example()
+    out = tmp_path / "pendulum.md"
+    argv = ["--flows", "none", "--seeds", "0", "--epochs", "3", "--n-sequences", "25",
+            "--n-steps", "8", "--hidden-dim", "8", "--iwae-samples", "3", "--runs",
+            str(tmp_path / "runs"), "--out", str(out), "--quiet", "--validation-fraction", "0.25"]
+    assert example.main(argv) == 0
+    run = tmp_path / "runs" / "none_K0_seed0"
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    best = min(history, key=lambda record: record["validation/neg_elbo"])["epoch"]
+    assert json.loads((run / "evaluation.json").read_text())["checkpoint"] == \
+        {"which": "best", "epoch": best}
+    text = out.read_text()
+    assert "5 of the training sequences (0.25) are held out for validation" in text
+    header = next(line for line in text.splitlines() if line.startswith("| guide")).split(" | ")
+    row = next(line for line in text.splitlines() if line.startswith("| STORN")).split(" | ")
+    assert float(row[header.index("evaluated epoch")]) == best
+
+
+def test_a_validation_fraction_that_holds_out_nothing_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="validation_fraction 0.01 of 20 training sequences"):
+        load_example().main(["--flows", "none", "--seeds", "0", "--epochs", "1",
+                             "--n-sequences", "25", "--n-steps", "8", "--runs",
+                             str(tmp_path / "runs"), "--out", str(tmp_path / "t.md"),
+                             "--validation-fraction", "0.01"])
+    assert not (tmp_path / "runs" / "none_K0_seed0").exists()
