@@ -329,6 +329,28 @@ def test_solver_residual_is_at_rounding_level(one_plus_c, dtype):
     assert (residual.abs() <= 8 * torch.finfo(dtype).eps * terms + torch.finfo(dtype).tiny).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_solver_takes_the_plain_newton_path_or_falls_back(dtype, monkeypatch):
+    """Regular roots are solved by the plain Newton steps alone; nearly flat ones (1 + c -> 0)
+    make them fail and the safeguarded loop run. Both cases are in the rounding-level test above;
+    this checks that each path is really the one taken there."""
+    import transforms.planar as planar_module
+
+    calls = []
+    plain = planar_module._plain_newton
+
+    def recording(*args):
+        root = plain(*args)
+        calls.append(root is not None)
+        return root
+
+    monkeypatch.setattr(planar_module, "_plain_newton", recording)
+    target = 5.0 * torch.randn(200, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    for one_plus_c, plain_suffices in ((0.5, True), (2.0, True), (1e3, True), (1e-12, False)):
+        solve_planar_equation(target, torch.full_like(target, one_plus_c))
+        assert calls[-1] is plain_suffices, one_plus_c
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_traced_inverse_is_exact_at_new_points(name):
     """Under torch.jit.trace the planar solver runs a fixed number of steps; the traced graph

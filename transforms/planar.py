@@ -46,6 +46,11 @@ _IDENTITY_W_DOT_U = math.log(math.e - 1.0)
 # final differentiable Newton step taken after the solve refines the root once more.
 _CONVERGED_ULPS = 4.0
 
+# Plain Newton steps tried before the safeguarded solver (eagerly): from the blended start, roots
+# away from the flat w.u_hat -> -1 case converge in 2-5 (measured), and each plain step is ~14
+# tensor ops against ~35 for a safeguarded one, which on small batches is what the inverse costs.
+_PLAIN_NEWTON_STEPS = 6
+
 # Where |a| is clamped for sech^2 a = cosh(a)^-2: cosh(a)^2 overflows at log(max-float) / 2; a
 # margin of 0.5 below it.
 _SECH_CLAMP = {
@@ -90,9 +95,14 @@ def solve_planar_equation(
     while they stay inside the shrinking bracket and at least halve the previous step, bisection
     otherwise (``rtsafe``), so it converges from any start, quadratically near simple roots.
 
+    Eagerly, up to :data:`_PLAIN_NEWTON_STEPS` plain Newton steps come first; when every
+    element meets the same convergence test within them, that is the root (it is unique, as g is
+    monotone), and otherwise the safeguarded iteration starts afresh from the same start, so a
+    plain step that diverges or oscillates (near :math:`c = -1`) costs time, never accuracy.
+
     Runs without autograd; callers attach gradients with one Newton step from the root
     (see :meth:`ConditionedPlanar._inverse`). Under :func:`torch.jit.trace` it always takes
-    ``max_steps`` steps; eagerly it stops once every element has converged.
+    ``max_steps`` safeguarded steps; eagerly it stops once every element has converged.
     """
     with torch.no_grad():
         target, one_plus_c = torch.broadcast_tensors(target, one_plus_c)
@@ -104,11 +114,15 @@ def solve_planar_equation(
         # blend between them, in four ops (the clamp keeps 0 / 0 out when 1 + c = 0).
         linear = target / one_plus_c.clamp_min(torch.finfo(target.dtype).tiny)
         root = torch.addcmul(target, c, torch.tanh(linear), value=-1.0).clamp(min=lower, max=upper)
+        tracing = torch.jit.is_tracing()
+        ulp = torch.finfo(target.dtype).eps
+        if not tracing:
+            plain = _plain_newton(root, target, c, one_plus_c, _CONVERGED_ULPS * ulp)
+            if plain is not None:
+                return plain
         previous_step = upper - lower
         if max_steps is None:
             max_steps = _MAX_SOLVER_STEPS.get(target.dtype, 128)
-        tracing = torch.jit.is_tracing()
-        ulp = torch.finfo(target.dtype).eps
         for _ in range(max_steps):
             tanh_root = torch.tanh(root)
             residual = root + c * tanh_root - target
@@ -134,6 +148,26 @@ def solve_planar_equation(
             if not tracing and bool(converged.all()):
                 break
         return root
+
+
+def _plain_newton(
+    root: torch.Tensor, target: torch.Tensor, c: torch.Tensor, one_plus_c: torch.Tensor,
+    tolerance: float,
+) -> torch.Tensor | None:
+    """Unsafeguarded Newton steps for :func:`solve_planar_equation`: the root once every
+    step is within ``tolerance * (1 + |a|)``, ``None`` if that takes more than
+    :data:`_PLAIN_NEWTON_STEPS` (a NaN or infinite step never passes the test)."""
+    for _ in range(_PLAIN_NEWTON_STEPS):
+        tanh_root = torch.tanh(root)
+        residual = torch.addcmul(root - target, c, tanh_root)
+        tanh_sq = tanh_root.square()
+        # g'(a) = tanh^2 a + (1 + c)(1 - tanh^2 a), two non-negative terms, as in the safeguarded loop
+        newton_step = residual / torch.addcmul(tanh_sq, one_plus_c, 1.0 - tanh_sq)
+        converged = newton_step.abs() <= tolerance * (1.0 + root.abs())
+        root = root - newton_step
+        if bool(converged.all()):
+            return root
+    return None
 
 
 class ConditionedPlanar(Transform):
