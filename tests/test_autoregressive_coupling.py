@@ -246,6 +246,18 @@ def test_soft_bound_is_b_tanh_v_over_b_to_rounding(dtype, tol):
     torch.testing.assert_close(slope, reference_slope, atol=4 * tol, rtol=0)
 
 
+def test_soft_bound_without_autograd_is_the_same_values_and_leaves_its_input():
+    # without a graph the whole chain runs in place on one temporary: same values, bit for bit,
+    # and the (network's) input untouched
+    output = torch.randn(6, 2, 4)
+    raw = output[:, 1, :]
+    before = output.clone()
+    with torch.no_grad():
+        no_graph = soft_bound(raw, 3.0)
+    assert torch.equal(output, before) and no_graph.is_contiguous()
+    assert torch.equal(no_graph, soft_bound(raw.clone().requires_grad_(), 3.0).detach())
+
+
 @pytest.mark.parametrize("name", ["iaf", "maf"])
 def test_made_has_the_identity_order_and_a_seed_fixes_the_layer(name):
     torch.manual_seed(10)

@@ -80,8 +80,12 @@ def soft_bound(value: torch.Tensor, bound: float | None) -> torch.Tensor:
     # runs on every coordinate of every autoregressive and coupling layer. The sigmoid and the
     # subtraction run in place on temporaries autograd does not keep (the product by 2/b; the
     # product by 2b, where the sigmoid's own output is kept for its backward): one allocation
-    # fewer per layer, which at 4096 x 64 is most of the bound's cost here.
-    return (value * (2.0 / bound)).sigmoid_().mul(2.0 * bound).sub_(bound)
+    # fewer per layer, which at 4096 x 64 is most of the bound's cost here. Without a graph to
+    # record, the product by 2b runs in place as well: one more allocation fewer.
+    scaled = (value * (2.0 / bound)).sigmoid_()
+    if torch.is_grad_enabled() and value.requires_grad:
+        return scaled.mul(2.0 * bound).sub_(bound)
+    return scaled.mul_(2.0 * bound).sub_(bound)
 
 
 class _ContextBoundNet:
