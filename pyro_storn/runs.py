@@ -4,9 +4,9 @@ the demo and the examples.
 A run directory holds ``config.json`` (the :class:`TrainConfig`, the model's constructor
 arguments and which data file, with its sha256), ``metrics.jsonl`` (one line per epoch),
 ``checkpoint.pt`` (and ``checkpoint.pt.prev``), ``best.pt`` when part of the training sequences
-is held out for validation (the state at the epoch of lowest validation -ELBO), then ``evaluation.json`` and ``generated.npz``
-once evaluated and generated, and ``diagnostics/`` (ArviZ InferenceData and figures) once
-diagnosed.
+is held out for validation (the state at the epoch of lowest validation -ELBO), then
+``evaluation.json`` and ``generated.npz`` once evaluated and generated, and ``diagnostics/``
+(ArviZ InferenceData and figures) once diagnosed.
 """
 
 from __future__ import annotations
