@@ -13,6 +13,7 @@ import torch
 from pyro_storn.checkpoint import load_checkpoint
 from pyro_storn.cli import main
 from pyro_storn.data.sequences import SequenceData
+from pyro_storn.report import format_table, run_summary
 from pyro_storn.runs import TrainConfig, evaluate_run, load_run, train, validation_split
 from pyro_storn.training import BEST_NAME, CHECKPOINT_NAME, fit, read_metrics
 
@@ -80,14 +81,22 @@ def test_best_pt_holds_the_state_of_the_lowest_validation_elbo(tmp_path):
 def test_best_differs_from_last_when_validation_gets_worse(tmp_path):
     """A learning rate high enough that the validation -ELBO does not fall monotonically: the
     selection must then pick an earlier epoch than the last (or the test could not fail)."""
-    run = tmp_path / "run"
-    result = train(_data(), run, _config(epochs=8, lr=0.3), progress=False)
+    run, data, data_path = tmp_path / "run", _data(), tmp_path / "data.npz"
+    np.savez(data_path, x=data.x, mask=data.mask, x_test=data.x_test, mask_test=data.mask_test)
+    result = train(data, run, _config(epochs=8, lr=0.3), data_path=data_path, progress=False)
     values = [r["validation/neg_elbo"] for r in read_metrics(run)]
     assert int(np.argmin(values)) + 1 == result.best_epoch
     assert result.best_epoch < 8  # the premise (seeded): validation -ELBO rose at the end
     last = load_checkpoint(run / CHECKPOINT_NAME)["module"]
     best = load_checkpoint(run / BEST_NAME)["module"]
     assert any(not torch.equal(last[name], best[name]) for name in last)
+    # the report's single-sample columns describe the evaluated (best) epoch, and say which
+    evaluate_run(run, num_samples=3, psis_samples=None)
+    summary = run_summary(run)
+    chosen = read_metrics(run)[result.best_epoch - 1]
+    assert summary["evaluated_epoch"] == result.best_epoch and summary["epochs"] == 8
+    assert summary["kl"] == chosen["test/kl"] and summary["train_neg_elbo"] == chosen["train/neg_elbo"]
+    assert f"| 8 (best {result.best_epoch}) |" in format_table({"run": summary})
 
 
 def test_the_held_out_sequences_are_not_trained_on(tmp_path):
