@@ -200,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     data_path = runs / "pendulum.npz"
     load_or_simulate(data_path, PendulumParams(args.n_sequences, args.n_steps, seed=0))
     data = load_sequences(data_path)
-    TrainConfig(validation_fraction=args.validation_fraction).validate()  # before any run,
-    validation_split(data.x.shape[0], args.validation_fraction)  # a bad fraction is named
+    # before any run, a bad fraction is named (its range, then the count it holds out)
+    TrainConfig(validation_fraction=args.validation_fraction).validate()
+    n_validation = len(validation_split(data.x.shape[0], args.validation_fraction)[1])
     results: dict[tuple[str, int], list[dict]] = {}
     started = time.perf_counter()
     for flow, k in grid(args):
@@ -238,7 +239,6 @@ def main(argv: list[str] | None = None) -> int:
                                    for s in summaries if "psis_num_samples" in s}))
     psis_draws = f"{psis_draws} draws each" if psis_draws else "not computed for these runs"
     if args.validation_fraction:
-        n_validation = len(validation_split(data.x.shape[0], args.validation_fraction)[1])
         selection = (f"{n_validation} of the training sequences ({args.validation_fraction:g}) are "
                      "held out for validation, and each run is evaluated at its epoch of lowest "
                      "validation -ELBO (column 'evaluated epoch')")

@@ -5,8 +5,8 @@ loss, appends one JSON line per epoch to ``metrics.jsonl`` (the train loss plus 
 ``epoch_metrics`` callback returns), and writes checkpoints (module, Pyro optimiser state, epoch,
 position in the epoch, RNG states) atomically every ``checkpoint_every`` epochs and on Ctrl-C.
 With ``keep_best=KEY`` the module's state at the epoch with the lowest ``KEY`` in its metrics
-(e.g. a validation -ELBO) is also kept, in ``best.pt``. ``resume=True`` continues from the checkpoint so that an interrupted and resumed run gives the
-same losses as an uninterrupted one: the epoch's shuffle is a function of ``(seed, epoch)`` only,
+(e.g. a validation -ELBO) is also kept, in ``best.pt``. ``resume=True`` continues from the
+checkpoint so that an interrupted and resumed run gives the same losses as an uninterrupted one: the epoch's shuffle is a function of ``(seed, epoch)`` only,
 and the RNG states are restored.
 
 A non-finite loss stops the run with :class:`NonFiniteLossError` naming the epoch and batch; the

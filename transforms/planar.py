@@ -68,7 +68,9 @@ def _sech_sq(a: torch.Tensor) -> torch.Tensor:
     return torch.cosh(a.clamp(-bound, bound)).pow(-2)
 
 
-def _slope(a: torch.Tensor, one_plus_c: torch.Tensor, tanh_a: torch.Tensor | None = None) -> torch.Tensor:
+def _slope(
+    a: torch.Tensor, one_plus_c: torch.Tensor, tanh_a: torch.Tensor | None = None
+) -> torch.Tensor:
     r""":math:`g'(a) = 1 + c\,h'(a)` written as :math:`\tanh^2 a + (1 + c)\,\mathrm{sech}^2 a`:
     two non-negative terms (as :math:`1 + c \ge 0`), each to a few ulps relative, so the sum
     keeps full relative precision for any ``a`` (no ``1 - tanh^2``, which rounds to 0 where tanh
@@ -78,8 +80,10 @@ def _slope(a: torch.Tensor, one_plus_c: torch.Tensor, tanh_a: torch.Tensor | Non
     return torch.addcmul(tanh_a.square(), one_plus_c, _sech_sq(a))
 
 
-def _log_slope(a: torch.Tensor, one_plus_c: torch.Tensor, tanh_a: torch.Tensor | None = None) -> torch.Tensor:
-    """:math:`\log(1 + c\,h'(a))`, finite and precise wherever :func:`_slope` is. (Six tensor
+def _log_slope(
+    a: torch.Tensor, one_plus_c: torch.Tensor, tanh_a: torch.Tensor | None = None
+) -> torch.Tensor:
+    r""":math:`\log(1 + c\,h'(a))`, finite and precise wherever :func:`_slope` is. (Six tensor
     ops given ``tanh_a``: on small batches their count, not their arithmetic, is the cost.)"""
     return torch.log(_slope(a, one_plus_c, tanh_a))
 
@@ -115,28 +119,22 @@ def solve_planar_equation(
         linear = target / one_plus_c.clamp_min(torch.finfo(target.dtype).tiny)
         root = torch.addcmul(target, c, torch.tanh(linear), value=-1.0).clamp(min=lower, max=upper)
         tracing = torch.jit.is_tracing()
-        ulp = torch.finfo(target.dtype).eps
+        tolerance = _CONVERGED_ULPS * torch.finfo(target.dtype).eps
         if not tracing:
-            plain = _plain_newton(root, target, c, one_plus_c, _CONVERGED_ULPS * ulp)
+            plain = _plain_newton(root, target, c, one_plus_c, tolerance)
             if plain is not None:
                 return plain
         previous_step = upper - lower
         if max_steps is None:
             max_steps = _MAX_SOLVER_STEPS.get(target.dtype, 128)
         for _ in range(max_steps):
-            tanh_root = torch.tanh(root)
-            residual = root + c * tanh_root - target
+            residual, newton_step, converged = _newton_step(root, target, c, one_plus_c, tolerance)
             lower = torch.where(residual < 0, root, lower)
             upper = torch.where(residual > 0, root, upper)
-            # g'(a) = tanh^2 a + (1 + c)(1 - tanh^2 a): cheaper than _slope, and its rounding
-            # (for saturated tanh) only scales a step, never moves the root.
-            tanh_sq = tanh_root.square()
-            newton_step = -residual / (tanh_sq + one_plus_c * (1.0 - tanh_sq))
-            newton = root + newton_step
+            newton = root - newton_step
             # A step at rounding level is always taken: refusing it (it need not halve the
             # previous one, nor stay inside a bracket that shrank onto the root) would restart
             # bisection from a far bracket end and undo the converged root.
-            converged = newton_step.abs() <= _CONVERGED_ULPS * ulp * (1.0 + root.abs())
             use_newton = converged | (
                 (newton >= lower)
                 & (newton <= upper)
@@ -150,6 +148,23 @@ def solve_planar_equation(
         return root
 
 
+def _newton_step(
+    root: torch.Tensor, target: torch.Tensor, c: torch.Tensor, one_plus_c: torch.Tensor,
+    tolerance: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""``(residual, step, converged)`` of one Newton step on :math:`g(a) - s` at ``root``: the
+    residual :math:`a + c\tanh a - s`, the Newton correction :math:`\text{residual} / g'(a)` (to
+    subtract), and whether it is within ``tolerance * (1 + |a|)``. The slope is
+    :math:`\tanh^2 a + (1 + c)(1 - \tanh^2 a)`, two non-negative terms: cheaper than
+    :func:`_slope`, and its rounding (for saturated tanh) only scales a step, never moves the
+    root."""
+    tanh_root = torch.tanh(root)
+    residual = torch.addcmul(root - target, c, tanh_root)
+    tanh_sq = tanh_root.square()
+    step = residual / torch.addcmul(tanh_sq, one_plus_c, 1.0 - tanh_sq)
+    return residual, step, step.abs() <= tolerance * (1.0 + root.abs())
+
+
 def _plain_newton(
     root: torch.Tensor, target: torch.Tensor, c: torch.Tensor, one_plus_c: torch.Tensor,
     tolerance: float,
@@ -158,13 +173,8 @@ def _plain_newton(
     step is within ``tolerance * (1 + |a|)``, ``None`` if that takes more than
     :data:`_PLAIN_NEWTON_STEPS` (a NaN or infinite step never passes the test)."""
     for _ in range(_PLAIN_NEWTON_STEPS):
-        tanh_root = torch.tanh(root)
-        residual = torch.addcmul(root - target, c, tanh_root)
-        tanh_sq = tanh_root.square()
-        # g'(a) = tanh^2 a + (1 + c)(1 - tanh^2 a), two non-negative terms, as in the safeguarded loop
-        newton_step = residual / torch.addcmul(tanh_sq, one_plus_c, 1.0 - tanh_sq)
-        converged = newton_step.abs() <= tolerance * (1.0 + root.abs())
-        root = root - newton_step
+        _, step, converged = _newton_step(root, target, c, one_plus_c, tolerance)
+        root = root - step
         if bool(converged.all()):
             return root
     return None
@@ -240,7 +250,7 @@ class ConditionedPlanar(Transform):
 
     @staticmethod
     def _preactivation(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """:math:`\mathbf{w}^T\mathbf{x} + b` with a trailing dim of 1: one fused matrix product
+        r""":math:`\mathbf{w}^T\mathbf{x} + b` with a trailing dim of 1: one fused matrix product
         and sum when ``w`` is one vector for the whole batch (an unconditional layer) and ``x`` a
         matrix, one product then the sum for more batch dims, else a product per row."""
         if w.dim() == 1:
