@@ -351,7 +351,7 @@ def evaluate_run(
     particle_batch_size: int | None = None,
     checkpoint: str = "best",
 ) -> dict[str, Any]:
-    """Test -ELBO and -IWAE (``num_samples``) per sequence and per step, and the PSIS
+    r"""Test -ELBO and -IWAE (``num_samples``) per sequence and per step, and the PSIS
     diagnostics of the guide on the test split, written to ``evaluation.json``.
 
     :param psis_samples: draws per test sequence for Pareto :math:`\hat k` (per sequence and

@@ -1,17 +1,17 @@
-"""A variational autoencoder for binary images whose posterior is a normalizing flow.
+r"""A variational autoencoder for binary images whose posterior is a normalizing flow.
 
-Generative model: :math:`z \\sim \\mathcal N(0, I_Z)`, :math:`x \\sim \\mathrm{Bernoulli}(
-\\sigma(\\mathrm{MLP}_\\theta(z)))` pixel by pixel. Guide: an MLP encoder of :math:`x` gives
-:math:`(\\mu, \\sigma, h)` (``h`` its last hidden layer); :math:`z_0 \\sim q_0 = \\mathcal N(\\mu,
-\\mathrm{diag}\\,\\sigma^2)` is pushed through ``flow_length`` layers of any flow of the
-:mod:`transforms` registry, :math:`z_K = f_K \\circ \\dots \\circ f_1(z_0)`, whose parameters are
+Generative model: :math:`z \sim \mathcal N(0, I_Z)`, :math:`x \sim \mathrm{Bernoulli}(
+\sigma(\mathrm{MLP}_\theta(z)))` pixel by pixel. Guide: an MLP encoder of :math:`x` gives
+:math:`(\mu, \sigma, h)` (``h`` its last hidden layer); :math:`z_0 \sim q_0 = \mathcal N(\mu,
+\mathrm{diag}\,\sigma^2)` is pushed through ``flow_length`` layers of any flow of the
+:mod:`transforms` registry, :math:`z_K = f_K \circ \dots \circ f_1(z_0)`, whose parameters are
 functions of ``h`` when the flow can be conditioned (amortised, as in [1, 2, 3]) and free
 parameters shared by all images otherwise. The bound it is trained on,
 
 .. math::
 
-    \\mathcal L(x) = \\mathbb E_{q_0}\\Big[\\log p(x \\mid z_K) + \\log p(z_K) - \\log q_0(z_0)
-    + \\sum_{k=1}^K \\log\\Big|\\det \\frac{\\partial f_k}{\\partial z_{k-1}}\\Big|\\Big],
+    \mathcal L(x) = \mathbb E_{q_0}\Big[\log p(x \mid z_K) + \log p(z_K) - \log q_0(z_0)
+    + \sum_{k=1}^K \log\Big|\det \frac{\partial f_k}{\partial z_{k-1}}\Big|\Big],
 
 is what Pyro's :class:`~pyro.infer.Trace_ELBO` computes from :meth:`VAE.model` and
 :meth:`VAE.guide` (latent site ``"z"``, event dim 1; observed site ``"x"``, event dim 1).

@@ -438,7 +438,7 @@ def _solve_causal(
 
 
 def _centred_matrix(taps: torch.Tensor) -> torch.Tensor:
-    """Dense :math:`M = W\hat U` (..., T, T), ``M[t, s] = w_{t-s} . u_hat_s`` for a centred
+    r"""Dense :math:`M = W\hat U` (..., T, T), ``M[t, s] = w_{t-s} . u_hat_s`` for a centred
     filter, from ``taps`` (..., T, k) = ``w_j . u_hat_s`` (row j is lag j - p)."""
     steps, kernel_size = taps.shape[-2:]
     half = (kernel_size - 1) // 2
