@@ -3,7 +3,7 @@
 import pytest
 
 from benchmarks import harness
-from benchmarks.harness import Timing, paired_ratio, time_interleaved
+from benchmarks.harness import Timing, paired_interval, paired_ratio, time_interleaved
 
 
 def _recording_contenders(log):
@@ -49,3 +49,36 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
     assert paired_ratio(Timing("a", [1.0, 10.0, 1.0]), Timing("b", [2.0, 20.0, 2.0])) == 0.5
     with pytest.raises(ValueError, match="same rounds"):
         paired_ratio(ours, Timing("short", [1.0]))
+
+
+def test_paired_interval_brackets_the_paired_ratio_and_narrows_with_agreement():
+    import random
+
+    rng = random.Random(0)
+    theirs = Timing("theirs", [rng.uniform(1.0, 2.0) for _ in range(21)])
+    noisy = Timing("noisy", [t * rng.lognormvariate(0.1, 0.2) for t in theirs.seconds])
+    steady = Timing("steady", [t * 1.1 for t in theirs.seconds])
+    low, high = paired_interval(noisy, theirs)
+    assert low < paired_ratio(noisy, theirs) < high
+    # every resampled median is one of the rounds' own ratios
+    ratios = sorted(a / b for a, b in zip(noisy.seconds, theirs.seconds))
+    assert low in ratios and high in ratios and ratios[0] < low and high < ratios[-1]
+    # the same seed, the same interval: a run's table is reproducible from its timings
+    assert paired_interval(noisy, theirs) == (low, high)
+    # a contender that is 1.1x in every round: no spread, the interval is the point
+    assert paired_interval(steady, theirs) == pytest.approx((1.1, 1.1))
+    # a wider level gives an interval at least as wide
+    wide = paired_interval(noisy, theirs, level=0.99)
+    assert wide[0] <= low and high <= wide[1]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"level": 1.0}, "level"), ({"level": 0}, "level"), ({"resamples": 0}, "resamples"),
+    ({"resamples": 2.5}, "resamples"),
+])
+def test_paired_interval_refuses_bad_settings_by_name(kwargs, match):
+    a, b = Timing("a", [1.0, 2.0, 3.0]), Timing("b", [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match=match):
+        paired_interval(a, b, **kwargs)
+    with pytest.raises(ValueError, match="same rounds"):
+        paired_interval(a, Timing("short", [1.0]))
