@@ -16,7 +16,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.signal import savgol_filter  # noqa: E402
 
-__all__ = ["smooth", "plot_losses", "plot_flow_terms", "plot_generation", "plot_khat_per_sequence"]
+__all__ = [
+    "smooth", "plot_losses", "plot_flow_terms", "plot_every_seed", "plot_generation",
+    "plot_khat_per_sequence",
+]
 
 # Savitzky-Golay: a quadratic over about a fifth of the curve, at least 5 points.
 _SAVGOL_ORDER = 2
@@ -92,6 +95,34 @@ def plot_flow_terms(histories: Mapping[str, History], path: str | os.PathLike) -
             ax.set_title(title)
             ax.set_xlabel("epoch")
     axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_every_seed(
+    runs: Mapping[str, Sequence[History]],
+    key: str,
+    title: str,
+    path: str | os.PathLike,
+    *,
+    log_scale: bool = False,
+    reference: float | None = None,
+) -> Path:
+    """``key`` over epochs for every run, raw (no smoothing: a jump is the point), one colour per
+    group (e.g. a guide) and one line per seed; ``reference`` draws a dashed horizontal line."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, histories) in enumerate(runs.items()):
+        for j, history in enumerate(histories):
+            epochs, values = _series(history, key)
+            ax.plot(epochs, values, color=colors[i % len(colors)], linewidth=1.2, alpha=0.85,
+                    label=name if j == 0 else None)
+    if reference is not None:
+        ax.axhline(reference, color="grey", linestyle="--", linewidth=1)
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel("epoch")
+    ax.legend(fontsize=8)
     return _save(fig, path)
 
 

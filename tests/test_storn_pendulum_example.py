@@ -32,7 +32,8 @@ def test_tiny_grid_writes_the_table_and_reuses_runs(tmp_path, capsys):
             "--runs", str(tmp_path / "runs"), "--out", str(out), "--quiet"]
     assert example.main(argv) == 0
     text = out.read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| STORN")]
+    summary, per_run = text.split("## Every run")
+    rows = [line for line in summary.splitlines() if line.startswith("| STORN")]
     assert [row.split(" | ")[:3] for row in rows] == [["| STORN", "0", "2"], ["| STORN + radial", "2", "2"]]
     assert "(2/2 better)" in rows[1] or "(1/2 better)" in rows[1] or "(0/2 better)" in rows[1]
     assert "1-minute load average at the runs' ends was" in text
@@ -40,7 +41,15 @@ def test_tiny_grid_writes_the_table_and_reuses_runs(tmp_path, capsys):
     columns = header.split(" | ")
     khat_share = [float(row.split(" | ")[columns.index("share k̂ > 0.7")].split(" ")[0]) for row in rows]
     assert all(0.0 <= share <= 1.0 for share in khat_share)
-    for figure in ("pendulum_losses.png", "pendulum_flow_terms.png"):  # named after the table
+    # the per-run table: one row per (guide, K, seed), the KL threshold epoch from the metrics
+    run_rows = [line for line in per_run.splitlines() if line.startswith("| STORN")]
+    assert [row.split(" | ")[2] for row in run_rows] == ["0", "1", "0", "1"]
+    history = [json.loads(line) for line in
+               (tmp_path / "runs" / "radial_K2_seed1" / "metrics.jsonl").read_text().splitlines()]
+    expected = "never" if history[0]["test/kl"] < example.LATENT_IN_USE_KL else "1"
+    assert run_rows[3].rstrip(" |").split(" | ")[-1] == expected
+    for figure in ("pendulum_losses.png", "pendulum_flow_terms.png", "pendulum_kl_every_seed.png",
+                   "pendulum_neg_elbo_every_seed.png"):  # named after the table
         assert (out.parent / "figures" / figure).stat().st_size > 0
         assert f"](figures/{figure})" in text
     timing = json.loads((tmp_path / "runs" / "radial_K2_seed1" / "timing.json").read_text())
@@ -49,7 +58,17 @@ def test_tiny_grid_writes_the_table_and_reuses_runs(tmp_path, capsys):
     before = (tmp_path / "runs" / "radial_K2_seed1" / "timing.json").stat().st_mtime_ns
     assert example.main(argv) == 0
     assert (tmp_path / "runs" / "radial_K2_seed1" / "timing.json").stat().st_mtime_ns == before
-    assert [line for line in out.read_text().splitlines() if line.startswith("| STORN")] == rows
+    assert [line for line in out.read_text().splitlines() if line.startswith("| STORN")] == \
+        rows + run_rows
+
+
+def test_latent_in_use_epoch_is_the_first_to_reach_the_threshold():
+    example = load_example()
+    history = [{"epoch": 1, "test/kl": 2.0}, {"epoch": 2, "test/kl": 12.0},
+               {"epoch": 3, "test/kl": 5.0}, {"epoch": 4, "test/kl": 50.0}]
+    assert example.latent_in_use_epoch(history) == 2
+    assert example.latent_in_use_epoch(history, threshold=20.0) == 4
+    assert example.latent_in_use_epoch(history, threshold=100.0) is None
 
 
 def test_validation_fraction_evaluates_the_best_epoch(tmp_path):

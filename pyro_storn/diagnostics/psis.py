@@ -77,7 +77,9 @@ def pareto_khat(log_weights: Any) -> np.ndarray:
     _, khat = az.psislw(array)
     khat = np.array(khat, dtype=float)
     spread = np.max(array, -1) - np.min(array, -1)
-    return np.where(np.expm1(spread) <= constant_tolerance, -np.inf, khat)
+    # expm1(spread) <= tol, compared on the log side: a spread of log-weights beyond ~709 nats
+    # (a guide far from the posterior) would overflow expm1 and warn
+    return np.where(spread <= math.log1p(constant_tolerance), -np.inf, khat)
 
 
 def iwae_bound(log_weights: Any) -> np.ndarray:
