@@ -46,7 +46,7 @@ def test_tiny_grid_writes_the_table_and_reuses_runs(tmp_path, capsys):
     assert [row.split(" | ")[2] for row in run_rows] == ["0", "1", "0", "1"]
     history = [json.loads(line) for line in
                (tmp_path / "runs" / "radial_K2_seed1" / "metrics.jsonl").read_text().splitlines()]
-    expected = "never" if history[0]["test/kl"] < example.LATENT_IN_USE_KL else "1"
+    expected = "never" if history[-1]["test/kl"] < example.LATENT_IN_USE_KL else "1"
     assert run_rows[3].rstrip(" |").split(" | ")[-1] == expected
     for figure in ("pendulum_losses.png", "pendulum_flow_terms.png", "pendulum_kl_every_seed.png",
                    "pendulum_neg_elbo_every_seed.png"):  # named after the table
@@ -64,11 +64,14 @@ def test_tiny_grid_writes_the_table_and_reuses_runs(tmp_path, capsys):
 
 def test_latent_in_use_epoch_is_the_first_to_reach_the_threshold():
     example = load_example()
-    history = [{"epoch": 1, "test/kl": 2.0}, {"epoch": 2, "test/kl": 12.0},
-               {"epoch": 3, "test/kl": 5.0}, {"epoch": 4, "test/kl": 50.0}]
-    assert example.latent_in_use_epoch(history) == 2
+    history = [{"epoch": 1, "test/kl": 12.0}, {"epoch": 2, "test/kl": 2.0},
+               {"epoch": 3, "test/kl": 15.0}, {"epoch": 4, "test/kl": 50.0},
+               {"epoch": 5, "test/kl": 30.0}]
+    # above from epoch 3 to the end; the early excursion at epoch 1 does not count
+    assert example.latent_in_use_epoch(history) == 3
     assert example.latent_in_use_epoch(history, threshold=20.0) == 4
-    assert example.latent_in_use_epoch(history, threshold=100.0) is None
+    assert example.latent_in_use_epoch(history, threshold=40.0) is None  # ends below
+    assert example.latent_in_use_epoch(history[:2]) is None  # collapsed after one epoch
 
 
 def test_validation_fraction_evaluates_the_best_epoch(tmp_path):
