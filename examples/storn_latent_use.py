@@ -22,7 +22,7 @@ from pyro_storn.runs import CHECKPOINT_CHOICES, load_run, load_run_data
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories written by train")
     parser.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="best",

@@ -1,4 +1,4 @@
-"""Does a trained STORN use its latent? Three measurements on a set of sequences.
+r"""Does a trained STORN use its latent? Three measurements on a set of sequences.
 
 A collapsed STORN (KL near 0) has a decoder that ignores :math:`z_t` and a posterior equal to the
 prior; whatever its latent could explain then shows up as emission noise. Per feature, over the

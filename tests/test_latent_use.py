@@ -75,3 +75,13 @@ def test_the_example_prints_a_table_per_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         example.parse_args([str(run), "--n-sequences", "0"])
     assert "--n-sequences must be >= 1" in capsys.readouterr().err
+
+
+def test_the_examples_help_shows_its_use(capsys):
+    with pytest.raises(SystemExit) as stop:
+        load_example("storn_latent_use.py").parse_args(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--checkpoint", "--n-sequences", "--features", "--seed"):
+        assert option in text
+    assert "python examples/storn_latent_use.py" in text and "collapsed run" in text
