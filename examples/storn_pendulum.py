@@ -97,6 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="share of the training sequences held out for validation; each "
                              "run is then evaluated at its epoch of lowest validation -ELBO "
                              "instead of its last (default: 0, the last epoch)")
+    parser.add_argument("--init-from-runs", default=None, metavar="DIR",
+                        help="warm-start every run with seed S from DIR/none_K0_seedS, a plain "
+                             "STORN run of an earlier grid on the same data and sizes (its best "
+                             "state): a flow then joins a STORN that already uses its latent, and "
+                             "plain STORN continues from it (default: none, a fresh start)")
     parser.add_argument("--iwae-samples", type=int, default=100,
                         help="importance samples S of the test IWAE bound (default: 100)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -246,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                 lr=args.lr, seed=seed, device=args.device,
                 kl_anneal_epochs=args.kl_anneal_epochs,
                 validation_fraction=args.validation_fraction,
+                init_from=(None if args.init_from_runs is None
+                           else str(Path(args.init_from_runs) / f"none_K0_seed{seed}")),
             )
             run_dir = runs / f"{flow}_K{k}_seed{seed}"
             print(f"[storn_pendulum] {run_dir.name}", file=sys.stderr)
@@ -287,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
                      "validation -ELBO (column 'evaluated epoch')")
     else:
         selection = "each run is evaluated at its last epoch"
+    if args.init_from_runs:
+        selection += (f"; every run with seed S starts from the plain STORN run "
+                      f"`{args.init_from_runs}/none_K0_seedS` (its best state; flow layers at their "
+                      "own initialisation), and its epochs count from there")
     parts = [
         "# STORN with flow guides on the inverted pendulum", "",
         "Written by `examples/storn_pendulum.py`. Command:", "", f"    {command}", "",

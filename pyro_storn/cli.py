@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "every run on the data file): not trained on, scored each epoch, and the "
                    "state of the epoch with the lowest validation -ELBO kept as best.pt, which "
                    "evaluate, diagnose and generate then use (default 0: none, the last epoch)")
+    p.add_argument("--init-from", default=None, metavar="RUN",
+                   help="start every parameter this model shares by name with the trained run "
+                   "RUN (its best state, else its last) from that run's value, the rest (e.g. a "
+                   "flow RUN has not) from its own initialisation: to add a flow guide to a STORN "
+                   "that already uses its latent")
     p.add_argument("--checkpoint-every", type=_positive_int, default=1, help="epochs")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (its stored settings; --epochs is the total)")
@@ -224,6 +229,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device, num_particles=args.num_particles,
         clip_norm=args.clip_norm, kl_anneal_epochs=args.kl_anneal_epochs,
         checkpoint_every=args.checkpoint_every, validation_fraction=args.validation_fraction,
+        init_from=args.init_from,
     )
     config.validate()
     data = load_sequences(args.data)

@@ -490,6 +490,9 @@ def train_distributed(
         raise ValueError(f"validation_fraction={config.validation_fraction}: holding out "
                          "validation sequences (best.pt) is not supported by the distributed "
                          "trainer; train without --distributed")
+    if config.init_from:
+        raise ValueError(f"init_from={config.init_from!r}: warm-starting is not supported by the "
+                         "distributed trainer; train without --distributed")
     env = init_distributed(config.device)
     try:
         x, mask = torch.from_numpy(data.x), torch.from_numpy(data.mask)

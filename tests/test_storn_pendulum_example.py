@@ -100,3 +100,23 @@ def test_a_validation_fraction_that_holds_out_nothing_fails_before_training(tmp_
                              str(tmp_path / "runs"), "--out", str(tmp_path / "t.md"),
                              "--validation-fraction", "0.01"])
     assert not (tmp_path / "runs" / "none_K0_seed0").exists()
+
+
+def test_init_from_runs_warm_starts_each_seed_from_plain_storn(tmp_path):
+    example = load_example()
+    common = ["--seeds", "0", "--epochs", "1", "--n-sequences", "16", "--n-steps", "6",
+              "--hidden-dim", "6", "--iwae-samples", "2", "--quiet"]
+    first = tmp_path / "first"
+    assert example.main(["--flows", "none", *common, "--runs", str(first),
+                         "--out", str(tmp_path / "first.md")]) == 0
+    second = tmp_path / "second"
+    second.mkdir()
+    (second / "pendulum.npz").write_bytes((first / "pendulum.npz").read_bytes())
+    out = tmp_path / "second.md"
+    assert example.main(["--flows", "none,radial", "--lengths", "2", *common, "--runs", str(second),
+                         "--out", str(out), "--init-from-runs", str(first)]) == 0
+    record = json.loads((second / "radial_K2_seed0" / "config.json").read_text())
+    assert record["init_from"]["run"] == str((first / "none_K0_seed0").resolve())
+    assert record["init_from"]["parameters"] and not any(
+        name.startswith("flow") for name in record["init_from"]["parameters"])
+    assert f"starts from the plain STORN run `{first}/none_K0_seedS`" in out.read_text()

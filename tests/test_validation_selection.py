@@ -179,3 +179,11 @@ def test_cli_refuses_a_bad_validation_fraction(tmp_path, capsys, value):
     assert exit_info.value.code == 2
     assert f"expected a number in [0, 1), got '{value}'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_distributed_trainer_refuses_a_validation_split_before_starting(tmp_path):
+    from pyro_storn.distributed import train_distributed
+
+    with pytest.raises(ValueError, match="not supported by the distributed trainer"):
+        train_distributed(_data(), tmp_path / "ddp", _config())
+    assert not (tmp_path / "ddp").exists()
