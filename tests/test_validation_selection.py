@@ -13,6 +13,7 @@ import torch
 from pyro_storn.checkpoint import load_checkpoint
 from pyro_storn.cli import main
 from pyro_storn.data.sequences import SequenceData
+from random_walks import random_walk_data
 from pyro_storn.report import format_table, run_summary
 from pyro_storn.runs import TrainConfig, evaluate_run, load_run, train, validation_split
 from pyro_storn.training import BEST_NAME, CHECKPOINT_NAME, fit, read_metrics
@@ -21,10 +22,7 @@ N, T, D = 20, 6, 2
 
 
 def _data() -> SequenceData:
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(N, T, D)).cumsum(1).astype(np.float32)
-    x_test = rng.normal(size=(4, T, D)).cumsum(1).astype(np.float32)
-    return SequenceData(x, np.ones((N, T), dtype=bool), x_test, np.ones((4, T), dtype=bool))
+    return random_walk_data(N, 4, T, D, seed=1)
 
 
 def _config(**kwargs) -> TrainConfig:

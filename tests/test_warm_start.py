@@ -6,22 +6,19 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from pyro_storn.cli import main
 from pyro_storn.data.sequences import SequenceData
+from random_walks import random_walk_data
 from pyro_storn.runs import TrainConfig, build_storn, load_run, train, warm_start
 
 N, T, D = 12, 6, 2
 
 
 def _data() -> SequenceData:
-    rng = np.random.default_rng(4)
-    x = rng.normal(size=(N, T, D)).cumsum(1).astype(np.float32)
-    x_test = rng.normal(size=(4, T, D)).cumsum(1).astype(np.float32)
-    return SequenceData(x, np.ones((N, T), dtype=bool), x_test, np.ones((4, T), dtype=bool))
+    return random_walk_data(N, 4, T, D, seed=4)
 
 
 def _config(**kwargs) -> TrainConfig:
