@@ -64,6 +64,15 @@ COLUMNS = (
 LATENT_IN_USE_KL = 10.0
 
 
+def run_name(flow: str, k: int, seed: int) -> str:
+    """The directory of one run of the grid, under ``--runs``."""
+    return f"{flow}_K{k}_seed{seed}"
+
+
+def guide_name(flow: str) -> str:
+    return "STORN" if flow == "none" else f"STORN + {flow}"
+
+
 def _csv(text: str, kind=str) -> list:
     return [kind(item) for item in text.split(",") if item.strip()]
 
@@ -197,8 +206,7 @@ def table(results: dict[tuple[str, int], list[dict]]) -> str:
         cells = [_mean_sd([s.get(key) for s in summaries]) for key, _ in COLUMNS]
         cells += [_paired(summaries, baseline, "test_neg_elbo_mean"),
                   _paired(summaries, baseline, "test_neg_iwae_mean")]
-        name = "STORN" if flow == "none" else f"STORN + {flow}"
-        lines.append(f"| {name} | {k} | {len(summaries)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {guide_name(flow)} | {k} | {len(summaries)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -216,15 +224,15 @@ def latent_in_use_epoch(history: list[dict], threshold: float = LATENT_IN_USE_KL
 
 
 def run_table(results: dict[tuple[str, int], list[dict]], histories: dict[str, list[dict]]) -> str:
-    """One row per run: the seed-level view the mean ± sd table averages away."""
+    """One row per run: the seed-level view the mean ± sd table averages away; ``histories`` by
+    :func:`run_name`."""
     lines = ["| guide | K | seed | evaluated epoch | test -ELBO | test -IWAE | KL at the evaluated "
-             f"epoch | test KL ≥ {LATENT_IN_USE_KL:g} from epoch to the end |", "|---|" * 1 + "---|" * 7]
+             f"epoch | test KL ≥ {LATENT_IN_USE_KL:g} from epoch to the end |", "|" + "---|" * 8]
     for (flow, k), summaries in results.items():
-        name = "STORN" if flow == "none" else f"STORN + {flow}"
         for s in summaries:
-            epoch = latent_in_use_epoch(histories[f"{flow}_K{k}_seed{s['seed']}"])
+            epoch = latent_in_use_epoch(histories[run_name(flow, k, s["seed"])])
             lines.append(
-                f"| {name} | {k} | {s['seed']} | {s.get('evaluated_epoch', '–')} | "
+                f"| {guide_name(flow)} | {k} | {s['seed']} | {s.get('evaluated_epoch', '–')} | "
                 f"{s['test_neg_elbo_mean']:.2f} | {s['test_neg_iwae_mean']:.2f} | "
                 f"{s['kl']:.2f} | {'never' if epoch is None else epoch} |")
     return "\n".join(lines)
@@ -252,24 +260,24 @@ def main(argv: list[str] | None = None) -> int:
                 kl_anneal_epochs=args.kl_anneal_epochs,
                 validation_fraction=args.validation_fraction,
                 init_from=(None if args.init_from_runs is None
-                           else str(Path(args.init_from_runs) / f"none_K0_seed{seed}")),
+                           else str(Path(args.init_from_runs) / run_name("none", 0, seed))),
             )
-            run_dir = runs / f"{flow}_K{k}_seed{seed}"
+            run_dir = runs / run_name(flow, k, seed)
             print(f"[storn_pendulum] {run_dir.name}", file=sys.stderr)
             results.setdefault((flow, k), []).append(run_cell(data, data_path, run_dir, config,
                                                               args))
     rerun = time.perf_counter() - started
     out = Path(args.out)
     figures = out.parent / "figures"
-    first_seed = {f"{flow} K={k}": read_metrics(runs / f"{flow}_K{k}_seed{args.seeds[0]}")
+    first_seed = {f"{flow} K={k}": read_metrics(runs / run_name(flow, k, args.seeds[0]))
                   for flow, k in results}
     # named after the table, so that tables of several grids can share one docs/ folder
     losses = plot_losses(first_seed, figures / f"{out.stem}_losses.png")
     terms = plot_flow_terms(first_seed, figures / f"{out.stem}_flow_terms.png")
-    histories = {f"{flow}_K{k}_seed{s['seed']}": read_metrics(runs / f"{flow}_K{k}_seed{s['seed']}")
+    histories = {run_name(flow, k, s["seed"]): read_metrics(runs / run_name(flow, k, s["seed"]))
                  for (flow, k), summaries in results.items() for s in summaries}
     every_seed = {("STORN" if flow == "none" else f"{flow} K={k}"):
-                  [histories[f"{flow}_K{k}_seed{s['seed']}"] for s in summaries]
+                  [histories[run_name(flow, k, s["seed"])] for s in summaries]
                   for (flow, k), summaries in results.items()}
     kl_figure = plot_every_seed(
         every_seed, "test/kl", "test KL per sequence, every run (dashed: latent in use)",

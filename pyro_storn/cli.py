@@ -71,7 +71,9 @@ def _fraction(text: str) -> float:
 
 
 def _checkpoint_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
+    from .runs import CHECKPOINT_CHOICES
+
+    parser.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="best",
                         help="which trained state: best, the epoch of lowest validation -ELBO "
                         "when the run held out validation sequences (train "
                         "--validation-fraction), else the last; last, the last epoch's "

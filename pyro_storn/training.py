@@ -6,8 +6,8 @@ loss, appends one JSON line per epoch to ``metrics.jsonl`` (the train loss plus 
 position in the epoch, RNG states) atomically every ``checkpoint_every`` epochs and on Ctrl-C.
 With ``keep_best=KEY`` the module's state at the epoch with the lowest ``KEY`` in its metrics
 (e.g. a validation -ELBO) is also kept, in ``best.pt``. ``resume=True`` continues from the
-checkpoint so that an interrupted and resumed run gives the same losses as an uninterrupted one: the epoch's shuffle is a function of ``(seed, epoch)`` only,
-and the RNG states are restored.
+checkpoint so that an interrupted and resumed run gives the same losses as an uninterrupted one:
+the epoch's shuffle is a function of ``(seed, epoch)`` only, and the RNG states are restored.
 
 A non-finite loss stops the run with :class:`NonFiniteLossError` naming the epoch and batch; the
 last good checkpoint stays (a checkpoint is only written when every loss so far and every
