@@ -37,6 +37,7 @@ from pyro_storn.report import run_summary
 from pyro_storn.runs import (
     CONFIG_NAME,
     EVALUATION_NAME,
+    FLOW_STARTS,
     TrainConfig,
     evaluate_run,
     train,
@@ -62,6 +63,11 @@ COLUMNS = (
 # sit at 1-3 nats (the posterior is the prior, the decoder treats the torque as noise); a run that
 # encodes the torque in z_t climbs past 100 within ~20 epochs. 10 nats lies well between the two.
 LATENT_IN_USE_KL = 10.0
+# How the page describes each --flow-start.
+FLOW_START_NOTES = {
+    "random": "at their own initialisation",
+    "identity": "starting as the identity map (`--flow-start identity`)",
+}
 
 
 def run_name(flow: str, k: int, seed: int) -> str:
@@ -111,6 +117,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "STORN run of an earlier grid on the same data and sizes (its best "
                              "state): a flow then joins a STORN that already uses its latent, and "
                              "plain STORN continues from it (default: none, a fresh start)")
+    parser.add_argument("--flow-start", choices=FLOW_STARTS, default="random",
+                        help="how the flow layers start: 'identity' makes each flow guide start "
+                             "as exactly the plain guide it extends (iaf, maf, realnvp, nice "
+                             "only; with --init-from-runs, exactly the source run's guide); "
+                             "plain STORN runs are unaffected (default: random)")
     parser.add_argument("--iwae-samples", type=int, default=100,
                         help="importance samples S of the test IWAE bound (default: 100)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -261,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 validation_fraction=args.validation_fraction,
                 init_from=(None if args.init_from_runs is None
                            else str(Path(args.init_from_runs) / run_name("none", 0, seed))),
+                flow_start="random" if flow == "none" else args.flow_start,
             )
             run_dir = runs / run_name(flow, k, seed)
             print(f"[storn_pendulum] {run_dir.name}", file=sys.stderr)
@@ -304,8 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         selection = "each run is evaluated at its last epoch"
     if args.init_from_runs:
         selection += (f"; every run with seed S starts from the plain STORN run "
-                      f"`{args.init_from_runs}/none_K0_seedS` (its best state; flow layers at their "
-                      "own initialisation), and its epochs count from there")
+                      f"`{args.init_from_runs}/none_K0_seedS` (its best state; flow layers "
+                      f"{FLOW_START_NOTES[args.flow_start]}), and its epochs count from there")
+    elif args.flow_start != "random":
+        selection += f"; flow layers {FLOW_START_NOTES[args.flow_start]}"
     parts = [
         "# STORN with flow guides on the inverted pendulum", "",
         "Written by `examples/storn_pendulum.py`. Command:", "", f"    {command}", "",

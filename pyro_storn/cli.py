@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     import transforms
 
+    from .runs import FLOW_STARTS
+
     flows = ["none"] + transforms.available()
     p = sub.add_parser("train", help="train STORN (optionally with a flow guide)",
                        description="Train STORN by SVI; writes config.json, metrics.jsonl and "
@@ -135,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "RUN (its best state, else its last) from that run's value, the rest (e.g. a "
                    "flow RUN has not) from its own initialisation: to add a flow guide to a STORN "
                    "that already uses its latent")
+    p.add_argument("--flow-start", choices=FLOW_STARTS, default="random",
+                   help="'identity': the flow layers start as the identity map (their networks' "
+                   "output layers zero), so a flow added with --init-from starts as exactly that "
+                   "run's guide; iaf, maf, realnvp and nice only (default: random, each family's "
+                   "own initialisation)")
     p.add_argument("--checkpoint-every", type=_positive_int, default=1, help="epochs")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (its stored settings; --epochs is the total)")
@@ -231,7 +238,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device, num_particles=args.num_particles,
         clip_norm=args.clip_norm, kl_anneal_epochs=args.kl_anneal_epochs,
         checkpoint_every=args.checkpoint_every, validation_fraction=args.validation_fraction,
-        init_from=args.init_from,
+        init_from=args.init_from, flow_start=args.flow_start,
     )
     config.validate()
     data = load_sequences(args.data)

@@ -69,6 +69,9 @@ VALIDATION_SPLIT_SEED = 0
 # What best.pt selects on: the validation split's single-sample -ELBO per sequence.
 VALIDATION_METRIC = "validation/neg_elbo"
 CHECKPOINT_CHOICES = ("best", "last")
+# How a run's flow layers start: their families' random initialisation, or the identity map
+# (iaf, maf, realnvp, nice only; transforms.start_at_identity).
+FLOW_STARTS = ("random", "identity")
 
 
 @dataclass
@@ -92,6 +95,7 @@ class TrainConfig:
     condition_flow: bool = True
     validation_fraction: float = 0.0
     init_from: str | None = None
+    flow_start: str = "random"
 
     def validate(self) -> "TrainConfig":
         """``ValueError`` naming the first bad value; the config itself otherwise."""
@@ -113,6 +117,12 @@ class TrainConfig:
                              f"{self.validation_fraction!r}")
         if self.init_from is not None and not (isinstance(self.init_from, str) and self.init_from):
             raise ValueError(f"init_from must be a run directory (a path), got {self.init_from!r}")
+        if self.flow_start not in FLOW_STARTS:
+            raise ValueError(f"flow_start must be one of {', '.join(FLOW_STARTS)}, got "
+                             f"{self.flow_start!r}")
+        if self.flow_start == "identity" and self.flow not in transforms.STARTS_AT_IDENTITY:
+            raise ValueError(f"flow_start 'identity' needs a flow that can start at the identity "
+                             f"({', '.join(transforms.STARTS_AT_IDENTITY)}), got flow {self.flow!r}")
         if not (isinstance(self.clip_norm, (int, float)) and self.clip_norm > 0):
             raise ValueError(f"clip_norm must be a positive number, got {self.clip_norm!r}")
         if self.rnn not in RNN_TYPES:
@@ -138,11 +148,16 @@ class TrainConfig:
 
 
 def build_storn(input_dim: int, config: TrainConfig) -> STORN:
-    return STORN(
+    """The STORN a config describes, at its initialisation (the flow at the identity with
+    ``flow_start="identity"``, see :func:`transforms.start_at_identity`)."""
+    storn = STORN(
         input_dim, config.latent_dim, config.hidden_dim,
         flow=None if config.flow == "none" else config.flow, flow_length=config.flow_length,
         condition_flow=config.condition_flow, rnn=config.rnn,
     )
+    if config.flow_start == "identity":
+        transforms.start_at_identity(storn.flow)
+    return storn
 
 
 def _make_loss(config: TrainConfig) -> pyro.infer.ELBO:

@@ -21,12 +21,14 @@ from . import (  # noqa: F401
     radial,
     sylvester,
 )
+from .identity_start import STARTS_AT_IDENTITY, start_at_identity
 from .permutation import Reverse, Roll
 from .registry import FlowInfo, available, build, condition, factory, flow, info, register
 
 __all__ = [
     "FlowInfo",
     "Reverse",
+    "STARTS_AT_IDENTITY",
     "Roll",
     "available",
     "build",
@@ -35,4 +37,5 @@ __all__ = [
     "flow",
     "info",
     "register",
+    "start_at_identity",
 ]
