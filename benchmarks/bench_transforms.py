@@ -13,6 +13,8 @@ import pyro.distributions.transforms as pyro_transforms
 import torch
 
 import transforms
+from transforms.autoregressive import InverseAutoregressive
+from transforms.coupling import AffineCoupling
 
 from .external_twins import EXTERNAL_TWINS, TWIN_NOTES, TwinStack
 from .harness import Timing, paired_interval, paired_ratio, time_interleaved
@@ -40,8 +42,11 @@ PYRO_TWINS: dict[str, Callable[[int], Any]] = {
 # stack call takes seconds and the three-way comparison minutes, so it stops at 16.
 EXTERNAL_MAX_DIM = {"maf": 16}
 # Ours bounds the log-scale smoothly (s = 3 tanh(raw / 3), the gradient of the map computed);
-# Pyro clamps it with a straight-through gradient. The same layers with log_scale_bound=None
-# (Pyro's math without its clamp) are timed in the same run, so the bound's cost is visible.
+# Pyro clamps it to [-5, 3] with a straight-through gradient. For these flows the Pyro stack is
+# built on our stack's own networks, and our layer with log_scale_bound=None on the same networks
+# is timed in the same run: where Pyro's clamp does not bind, it is Pyro's map (same values and
+# gradients), so it measures our implementation of the same math, and our default against it
+# measures what the smooth bound costs.
 UNBOUNDED_VARIANT = {"iaf": {"log_scale_bound": None}, "realnvp": {"log_scale_bound": None}}
 # Every row also times a second Pyro stack, built the same way, against the first: the same code,
 # so its ratio (the A/A control) is how far that row's ratio moves by noise alone in that run.
@@ -56,6 +61,45 @@ def _pyro_stack(name: str, dim: int, length: int) -> list[Any]:
             parts.append(transforms.Reverse())
         parts.append(PYRO_TWINS[name](dim))
     return parts
+
+
+def _pyro_layer_on(layer: Any) -> Any:
+    """Pyro's layer of the same math on our layer's own network (IAF, RealNVP); permutations are
+    kept as they are."""
+    if isinstance(layer, InverseAutoregressive):
+        return pyro_transforms.AffineAutoregressive(layer.arn)
+    if isinstance(layer, AffineCoupling):
+        return pyro_transforms.AffineCoupling(layer.split_dim, layer.nn)
+    return layer
+
+
+def _our_layer_on(layer: Any, **kwargs: Any) -> Any:
+    """Our layer on the same network with other settings (``log_scale_bound=None``)."""
+    if isinstance(layer, InverseAutoregressive):
+        return InverseAutoregressive(layer.arn, **kwargs)
+    if isinstance(layer, AffineCoupling):
+        return AffineCoupling(layer.split_dim, layer.nn, **kwargs)
+    return layer
+
+
+def _clamp_binding_share(parts: list[Any], x: torch.Tensor) -> float:
+    """The share of the log-scales that Pyro's clamp changes along its stack ``parts`` at ``x``:
+    where it is 0, our unbounded layers compute the very same map."""
+    changed = total = 0
+    with torch.no_grad():
+        for part in parts:
+            if isinstance(part, pyro_transforms.AffineAutoregressive):
+                raw = part.arn(x)[1]
+            elif isinstance(part, pyro_transforms.AffineCoupling):
+                raw = part.nn(x[..., : part.split_dim])[1]
+            else:
+                x = part(x)
+                continue
+            outside = (raw < part.log_scale_min_clip) | (raw > part.log_scale_max_clip)
+            changed += int(outside.sum())
+            total += outside.numel()
+            x = part(x)
+    return changed / total if total else 0.0
 
 
 def _forward_logdet(parts: list[Any], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,22 +147,47 @@ def _inverse_contender(parts: list[Any]) -> Callable[[torch.Tensor], None]:
     return call
 
 
-def _verdict(throughput: list[dict[str, Any]]) -> str:
+def _verdict(throughput: list[dict[str, Any]], interval: Callable[[dict[str, Any]], tuple[float, float]],
+             what: str) -> str:
     """Which rows miss the target beyond the noise (the paired interval's lower end above it),
-    and which are undecided (the interval straddles it)."""
+    and which are undecided (the interval straddles it); ``interval(row)`` picks the comparison
+    that ``what`` names."""
     if min((row["ours"]["repeats"] for row in throughput), default=0) < MIN_REPEATS_FOR_VERDICT:
         return "Too few repeats here for an interval to judge the target by (a smoke run)."
 
     def name(row: dict[str, Any]) -> str:
         return f"{row['flow']} D = {row['dim']} {row['mode']}"
 
-    above = [name(r) for r in throughput if r["paired_interval"][0] > THROUGHPUT_TARGET]
-    straddle = [name(r) for r in throughput
-                if r["paired_interval"][0] <= THROUGHPUT_TARGET < r["paired_interval"][1]]
+    above = [name(r) for r in throughput if interval(r)[0] > THROUGHPUT_TARGET]
+    straddle = [name(r) for r in throughput if interval(r)[0] <= THROUGHPUT_TARGET < interval(r)[1]]
     return (
-        f"Above the target beyond the noise (paired interval entirely above {THROUGHPUT_TARGET}): "
-        f"{', '.join(above) or 'none'}. Interval straddling it: {', '.join(straddle) or 'none'}."
+        f"{what}: above the target beyond the noise (paired interval entirely above "
+        f"{THROUGHPUT_TARGET}): {', '.join(above) or 'none'}. Interval straddling it: "
+        f"{', '.join(straddle) or 'none'}."
     )
+
+
+def _default_interval(row: dict[str, Any]) -> tuple[float, float]:
+    return row["paired_interval"]
+
+
+def _same_math_interval(row: dict[str, Any]) -> tuple[float, float]:
+    return row["same_math"]["paired_interval"]
+
+
+def _not_the_same_map(row: dict[str, Any]) -> bool:
+    """Pyro's clamp changed some log-scales on the row's inputs: its layer and our unbounded one
+    compute different maps there."""
+    return bool(row["same_math"]["pyro_clamp_binding_share"])
+
+
+def _same_math_verdict(throughput: list[dict[str, Any]]) -> str:
+    comparable = [row for row in throughput if not _not_the_same_map(row)]
+    verdict = _verdict(comparable, _same_math_interval, "Same math against Pyro's")
+    excluded = [f"{row['flow']} D = {row['dim']} {row['mode']}" for row in throughput if _not_the_same_map(row)]
+    if excluded:
+        verdict += f" Not judged (Pyro's clamp binds there, so the maps differ): {', '.join(excluded)}."
+    return verdict
 
 
 def _throughput(dims: tuple[int, ...], batch: int, repeats: int, warmup: int, calls: int | str, device: torch.device):
@@ -130,12 +199,18 @@ def _throughput(dims: tuple[int, ...], batch: int, repeats: int, warmup: int, ca
             if dim < transforms.info(name).min_input_dim:
                 continue
             ours = list(transforms.flow(name, dim, LENGTH).to(device).parts)
-            theirs, theirs_again = (
-                [p.to(device) if isinstance(p, torch.nn.Module) else p for p in _pyro_stack(name, dim, LENGTH)]
-                for _ in range(2)
-            )
             variant = UNBOUNDED_VARIANT.get(name)
-            unbounded = list(transforms.flow(name, dim, LENGTH, **variant).to(device).parts) if variant else None
+            if variant is None:
+                theirs, theirs_again = (
+                    [p.to(device) if isinstance(p, torch.nn.Module) else p for p in _pyro_stack(name, dim, LENGTH)]
+                    for _ in range(2)
+                )
+                unbounded, binding = None, None
+            else:  # Pyro's layers on our networks; the A/A stack on a second set of ours
+                theirs = [_pyro_layer_on(p) for p in ours]
+                theirs_again = [_pyro_layer_on(p) for p in transforms.flow(name, dim, LENGTH).to(device).parts]
+                unbounded = [_our_layer_on(p, **variant) for p in ours]
+                binding = _clamp_binding_share(theirs, torch.randn(batch, dim, device=device))
 
             def make_input() -> torch.Tensor:
                 return torch.randn(batch, dim, device=device)
@@ -163,12 +238,29 @@ def _throughput(dims: tuple[int, ...], batch: int, repeats: int, warmup: int, ca
                         "paired_ratio": paired_ratio(timings["ours"], timings["pyro"]),
                         "paired_interval": paired_interval(timings["ours"], timings["pyro"]),
                         "control_ratio": timings["pyro_again"].median / timings["pyro"].median,
-                        "unbounded_ratio": (
-                            timings["ours_unbounded"].median / timings["pyro"].median if unbounded is not None else None
-                        ),
+                        **_same_math(timings, variant, binding),
                     }
                 )
     return rows
+
+
+def _same_math(timings: dict[str, Timing], variant: dict[str, Any] | None, binding: float | None) -> dict[str, Any]:
+    """Ours configured to Pyro's math against Pyro (the default layer itself where it already is),
+    and, for a layer whose default differs, what the difference costs: ours / ours so configured,
+    timed in the same rounds. ``binding``: the share of log-scales Pyro's clamp changes on a draw
+    of the row's inputs (when above 0 the two are not the same map there, and the row is not
+    judged as same math)."""
+    if variant is None:
+        same = {"variant": None, "pyro_clamp_binding_share": None,
+                "paired_ratio": paired_ratio(timings["ours"], timings["pyro"]),
+                "paired_interval": paired_interval(timings["ours"], timings["pyro"])}
+        return {"same_math": same, "bound_cost": None}
+    unbounded, ours, pyro = timings["ours_unbounded"], timings["ours"], timings["pyro"]
+    same = {"variant": ", ".join(f"{key}={value}" for key, value in variant.items()),
+            "pyro_clamp_binding_share": binding,
+            "paired_ratio": paired_ratio(unbounded, pyro), "paired_interval": paired_interval(unbounded, pyro)}
+    cost = {"paired_ratio": paired_ratio(ours, unbounded), "paired_interval": paired_interval(ours, unbounded)}
+    return {"same_math": same, "bound_cost": cost}
 
 
 def _external(dims: tuple[int, ...], batch: int, repeats: int, warmup: int, calls: int | str, device: torch.device):
@@ -268,20 +360,39 @@ def run(*, smoke: bool = False, device: torch.device | str = "cpu") -> tuple[dic
         "spread could read). "
         "A/A: a second Pyro stack built the same way against the first, timed in the same "
         "interleaved run: the same code, so its distance from 1 is what noise alone does to that "
-        "row. Last column: IAF and RealNVP with "
-        "`log_scale_bound=None` (Pyro's math without its clamp; ours bounds the log-scale smoothly by "
-        "default, which costs a sigmoid and its backward per coordinate), timed in the same run.",
+        "row. IAF and RealNVP: Pyro's stack is built on our stack's own networks (a second set "
+        "for the A/A stack). Same math: ours set to compute what Pyro's layer computes, against "
+        "Pyro, paired: the default layer itself, except for IAF and RealNVP, whose default bounds "
+        "the log-scale smoothly (s = 3 tanh(raw / 3), so the gradient is the map's own; Pyro "
+        "clamps to [-5, 3] with a straight-through gradient). For those it is our layer with "
+        "`log_scale_bound=None` on the same networks. Where Pyro's clamp does not bind, that "
+        "layer gives Pyro's values and gradients (tests/test_benchmarks_smoke.py checks "
+        "this). Each row checks the clamp on one draw of its inputs, and says n/a where it binds. "
+        "Bound's cost: our default against that unbounded layer, paired, in the same rounds.",
         "",
-        "| flow | D | mode | ours median ms (min-max) | Pyro median ms (min-max) | ratio | paired (95% interval) | A/A | ratio without the bound |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| flow | D | mode | ours median ms (min-max) | Pyro median ms (min-max) | ratio | paired (95% interval) | A/A | same math: paired (95% interval) | bound's cost: paired (95% interval) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in throughput:
-        unbounded = "-" if row.get("unbounded_ratio") is None else f"{row['unbounded_ratio']:.2f}"
-        low, high = row["paired_interval"]
+        same, cost = row["same_math"], row["bound_cost"]
+        if same["variant"] is None:
+            same_cell = "the default"
+        elif _not_the_same_map(row):
+            same_cell = f"n/a: Pyro's clamp binds on {100 * same['pyro_clamp_binding_share']:.2g}% of log-scales"
+        else:
+            same_cell = _paired_cell(same)
+        # where Pyro's clamp binds, the unbounded layers may overflow (inf, NaN): no cost read off
+        cost_cell = "-" if cost is None else "n/a" if _not_the_same_map(row) else _paired_cell(cost)
         lines.append(
-            f"| {row['flow']} | {row['dim']} | {row['mode']} | {_ms(row['ours'])} | {_ms(row['pyro'])} | {row['ratio']:.2f} | {row['paired_ratio']:.2f} ({low:.2f}-{high:.2f}) | {row['control_ratio']:.2f} | {unbounded} |"
+            f"| {row['flow']} | {row['dim']} | {row['mode']} | {_ms(row['ours'])} | {_ms(row['pyro'])} | {row['ratio']:.2f} | {_paired_cell(row)} | {row['control_ratio']:.2f} | {same_cell} | {cost_cell} |"
         )
-    lines += ["", _verdict(throughput), ""]
+    lines += [
+        "",
+        _verdict(throughput, _default_interval, "Our default layers against Pyro's"),
+        "",
+        _same_math_verdict(throughput),
+        "",
+    ]
     lines += [
         f"### Inverse cost against forward (K = {LENGTH}, no grad); target <= 5x",
         "",
@@ -311,6 +422,11 @@ def run(*, smoke: bool = False, device: torch.device | str = "cpu") -> tuple[dic
         for flow, library in dict.fromkeys((row["flow"], row["library"]) for row in external):
             lines.append(f"- {flow} / {library}: {TWIN_NOTES.get((flow, library), '')}")
     return {"throughput": throughput, "inverse": inverse, "external": external}, "\n".join(lines) + "\n"
+
+
+def _paired_cell(comparison: dict[str, Any]) -> str:
+    low, high = comparison["paired_interval"]
+    return f"{comparison['paired_ratio']:.2f} ({low:.2f}-{high:.2f})"
 
 
 def _ms(summary: dict[str, Any]) -> str:

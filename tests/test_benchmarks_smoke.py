@@ -3,6 +3,8 @@ checks of it: no timing is ever asserted)."""
 
 import json
 
+import pytest
+
 from benchmarks.__main__ import SUITES, main
 from benchmarks.external_twins import available_libraries
 
@@ -51,7 +53,7 @@ def test_cuda_without_a_gpu_is_refused(tmp_path, capsys):
 
 
 def test_the_throughput_verdict_judges_each_row_by_its_interval():
-    from benchmarks.bench_transforms import THROUGHPUT_TARGET, _verdict
+    from benchmarks.bench_transforms import THROUGHPUT_TARGET, _default_interval, _verdict
 
     def row(flow, low, high, repeats=21):
         return {"flow": flow, "dim": 16, "mode": "forward+logdet", "ours": {"repeats": repeats},
@@ -59,9 +61,68 @@ def test_the_throughput_verdict_judges_each_row_by_its_interval():
 
     rows = [row("slow", THROUGHPUT_TARGET + 0.01, 1.2), row("unsure", 1.0, THROUGHPUT_TARGET + 0.01),
             row("fast", 0.8, THROUGHPUT_TARGET)]
-    verdict = _verdict(rows)
+    verdict = _verdict(rows, _default_interval, "Defaults")
+    assert verdict.startswith("Defaults: ")
     above, straddling = verdict.split("Interval straddling it:")
     assert "slow D = 16" in above and "unsure" not in above and "fast" not in verdict
     assert "unsure D = 16" in straddling and "slow" not in straddling
-    assert "none" in _verdict([row("fast", 0.8, 0.9)])
-    assert "Too few repeats" in _verdict([row("slow", 2.0, 2.0, repeats=1)])
+    assert "none" in _verdict([row("fast", 0.8, 0.9)], _default_interval, "Defaults")
+    assert "Too few repeats" in _verdict([row("slow", 2.0, 2.0, repeats=1)], _default_interval, "Defaults")
+
+
+def test_the_same_math_verdict_reads_the_same_math_interval_and_skips_rows_where_pyro_clamps():
+    from benchmarks.bench_transforms import THROUGHPUT_TARGET, _same_math_verdict
+
+    def row(flow, default, same, binding):
+        return {"flow": flow, "dim": 16, "mode": "forward+backward", "ours": {"repeats": 21},
+                "paired_interval": default,
+                "same_math": {"paired_interval": same, "pyro_clamp_binding_share": binding}}
+
+    slow, fast = (THROUGHPUT_TARGET + 0.02, 1.2), (0.9, 1.0)
+    verdict = _same_math_verdict([row("bounded", slow, fast, 0.0), row("plain", fast, fast, None),
+                                  row("clamped", fast, slow, 0.01)])
+    judged, not_judged = verdict.split("Not judged")
+    # the default's interval is not what this line reads, and a row where the maps differ is
+    # named as not judged instead of counted
+    assert "bounded" not in judged and "plain" not in judged and "clamped" not in judged
+    assert "clamped D = 16" in not_judged
+    assert "Not judged" not in _same_math_verdict([row("bounded", fast, slow, 0.0)])
+    assert "bounded D = 16" in _same_math_verdict([row("bounded", fast, slow, 0.0)])
+
+
+@pytest.mark.parametrize("name", ["iaf", "realnvp"])
+def test_the_same_math_contenders_are_pyros_map_on_our_networks_until_its_clamp_binds(name):
+    import pyro.distributions.transforms as pyro_transforms
+    import torch
+
+    import transforms
+    from benchmarks.bench_transforms import (
+        UNBOUNDED_VARIANT, _clamp_binding_share, _forward_logdet, _our_layer_on, _pyro_layer_on,
+    )
+
+    torch.manual_seed(3)
+    ours = list(transforms.flow(name, 4, 3).parts)
+    pyros = [_pyro_layer_on(part) for part in ours]
+    unbounded = [_our_layer_on(part, **UNBOUNDED_VARIANT[name]) for part in ours]
+    pyro_layers = (pyro_transforms.AffineAutoregressive, pyro_transforms.AffineCoupling)
+    assert sum(isinstance(part, pyro_layers) for part in pyros) == 3  # every layer, not the reversals
+    x = 0.5 * torch.randn(32, 4)
+    assert _clamp_binding_share(pyros, x) == 0.0
+    results = []
+    for parts in (pyros, unbounded):
+        for parameter in ours[0].parameters():
+            parameter.grad = None
+        y, log_det = _forward_logdet(parts, x.clone())
+        (y.sum() + log_det.sum()).backward()
+        results.append((y, log_det, [p.grad.clone() for p in ours[0].parameters()]))
+    (y_pyro, ld_pyro, grads_pyro), (y_ours, ld_ours, grads_ours) = results
+    torch.testing.assert_close(y_ours, y_pyro)
+    torch.testing.assert_close(ld_ours, ld_pyro)
+    for ours_grad, pyro_grad in zip(grads_ours, grads_pyro):
+        torch.testing.assert_close(ours_grad, pyro_grad)
+    # push the first layer's log-scales far past Pyro's clip: the share is then counted
+    network = ours[0].arn if name == "iaf" else ours[0].nn
+    with torch.no_grad():
+        last = [m for m in network.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.bias.add_(10.0)
+    assert _clamp_binding_share(pyros, x) > 0
