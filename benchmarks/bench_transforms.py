@@ -175,18 +175,19 @@ def _same_math_interval(row: dict[str, Any]) -> tuple[float, float]:
     return row["same_math"]["paired_interval"]
 
 
-def _not_the_same_map(row: dict[str, Any]) -> bool:
-    """Pyro's clamp changed some log-scales on the row's inputs: its layer and our unbounded one
-    compute different maps there."""
-    return bool(row["same_math"]["pyro_clamp_binding_share"])
+def _not_comparable(row: dict[str, Any]) -> bool:
+    """Our unbounded stack overflowed (inf or NaN) on a draw of the row's inputs: where Pyro's
+    clamp binds that far, the two stacks no longer do the same arithmetic."""
+    return row["same_math"]["unbounded_finite"] is False
 
 
 def _same_math_verdict(throughput: list[dict[str, Any]]) -> str:
-    comparable = [row for row in throughput if not _not_the_same_map(row)]
+    comparable = [row for row in throughput if not _not_comparable(row)]
     verdict = _verdict(comparable, _same_math_interval, "Same math against Pyro's")
-    excluded = [f"{row['flow']} D = {row['dim']} {row['mode']}" for row in throughput if _not_the_same_map(row)]
+    excluded = [f"{row['flow']} D = {row['dim']} {row['mode']}" for row in throughput if _not_comparable(row)]
     if excluded:
-        verdict += f" Not judged (Pyro's clamp binds there, so the maps differ): {', '.join(excluded)}."
+        verdict += (f" Not judged (our unbounded layers overflow there, where Pyro's clamp binds): "
+                    f"{', '.join(excluded)}.")
     return verdict
 
 
@@ -205,12 +206,12 @@ def _throughput(dims: tuple[int, ...], batch: int, repeats: int, warmup: int, ca
                     [p.to(device) if isinstance(p, torch.nn.Module) else p for p in _pyro_stack(name, dim, LENGTH)]
                     for _ in range(2)
                 )
-                unbounded, binding = None, None
+                unbounded, check = None, None
             else:  # Pyro's layers on our networks; the A/A stack on a second set of ours
                 theirs = [_pyro_layer_on(p) for p in ours]
                 theirs_again = [_pyro_layer_on(p) for p in transforms.flow(name, dim, LENGTH).to(device).parts]
                 unbounded = [_our_layer_on(p, **variant) for p in ours]
-                binding = _clamp_binding_share(theirs, torch.randn(batch, dim, device=device))
+                check = _same_map_check(theirs, unbounded, torch.randn(batch, dim, device=device))
 
             def make_input() -> torch.Tensor:
                 return torch.randn(batch, dim, device=device)
@@ -238,26 +239,32 @@ def _throughput(dims: tuple[int, ...], batch: int, repeats: int, warmup: int, ca
                         "paired_ratio": paired_ratio(timings["ours"], timings["pyro"]),
                         "paired_interval": paired_interval(timings["ours"], timings["pyro"]),
                         "control_ratio": timings["pyro_again"].median / timings["pyro"].median,
-                        **_same_math(timings, variant, binding),
+                        **_same_math(timings, variant, check),
                     }
                 )
     return rows
 
 
-def _same_math(timings: dict[str, Timing], variant: dict[str, Any] | None, binding: float | None) -> dict[str, Any]:
+def _same_map_check(pyros: list[Any], unbounded: list[Any], x: torch.Tensor) -> dict[str, Any]:
+    """On one draw ``x``: the share of log-scales Pyro's clamp changes (where 0, our unbounded
+    stack computes Pyro's very map) and whether our unbounded stack stays finite."""
+    with torch.no_grad():
+        y, log_det = _forward_logdet(unbounded, x.clone())
+    return {"pyro_clamp_binding_share": _clamp_binding_share(pyros, x),
+            "unbounded_finite": bool(torch.isfinite(y).all() and torch.isfinite(log_det).all())}
+
+
+def _same_math(timings: dict[str, Timing], variant: dict[str, Any] | None, check: dict[str, Any] | None) -> dict[str, Any]:
     """Ours configured to Pyro's math against Pyro (the default layer itself where it already is),
     and, for a layer whose default differs, what the difference costs: ours / ours so configured,
-    timed in the same rounds. ``binding``: the share of log-scales Pyro's clamp changes on a draw
-    of the row's inputs (when above 0 the two are not the same map there, and the row is not
-    judged as same math)."""
+    timed in the same rounds. ``check``: :func:`_same_map_check` on a draw of the row's inputs."""
     if variant is None:
-        same = {"variant": None, "pyro_clamp_binding_share": None,
+        same = {"variant": None, "pyro_clamp_binding_share": None, "unbounded_finite": None,
                 "paired_ratio": paired_ratio(timings["ours"], timings["pyro"]),
                 "paired_interval": paired_interval(timings["ours"], timings["pyro"])}
         return {"same_math": same, "bound_cost": None}
     unbounded, ours, pyro = timings["ours_unbounded"], timings["ours"], timings["pyro"]
-    same = {"variant": ", ".join(f"{key}={value}" for key, value in variant.items()),
-            "pyro_clamp_binding_share": binding,
+    same = {"variant": ", ".join(f"{key}={value}" for key, value in variant.items()), **check,
             "paired_ratio": paired_ratio(unbounded, pyro), "paired_interval": paired_interval(unbounded, pyro)}
     cost = {"paired_ratio": paired_ratio(ours, unbounded), "paired_interval": paired_interval(ours, unbounded)}
     return {"same_math": same, "bound_cost": cost}
@@ -367,7 +374,9 @@ def run(*, smoke: bool = False, device: torch.device | str = "cpu") -> tuple[dic
         "clamps to [-5, 3] with a straight-through gradient). For those it is our layer with "
         "`log_scale_bound=None` on the same networks. Where Pyro's clamp does not bind, that "
         "layer gives Pyro's values and gradients (tests/test_benchmarks_smoke.py checks "
-        "this). Each row checks the clamp on one draw of its inputs, and says n/a where it binds. "
+        "this). Each row checks one draw of its inputs: the share of log-scales Pyro's clamp "
+        "changes is given where it is not 0 (those coordinates differ, the arithmetic is the "
+        "same), and the row is n/a, not judged, where our unbounded stack overflows. "
         "Bound's cost: our default against that unbounded layer, paired, in the same rounds.",
         "",
         "| flow | D | mode | ours median ms (min-max) | Pyro median ms (min-max) | ratio | paired (95% interval) | A/A | same math: paired (95% interval) | bound's cost: paired (95% interval) |",
@@ -377,12 +386,14 @@ def run(*, smoke: bool = False, device: torch.device | str = "cpu") -> tuple[dic
         same, cost = row["same_math"], row["bound_cost"]
         if same["variant"] is None:
             same_cell = "the default"
-        elif _not_the_same_map(row):
-            same_cell = f"n/a: Pyro's clamp binds on {100 * same['pyro_clamp_binding_share']:.2g}% of log-scales"
+        elif _not_comparable(row):
+            same_cell = "n/a: ours unbounded overflows here"
         else:
             same_cell = _paired_cell(same)
-        # where Pyro's clamp binds, the unbounded layers may overflow (inf, NaN): no cost read off
-        cost_cell = "-" if cost is None else "n/a" if _not_the_same_map(row) else _paired_cell(cost)
+            if same["pyro_clamp_binding_share"]:
+                same_cell += f"; Pyro's clamp binds on {100 * same['pyro_clamp_binding_share']:.2g}%"
+        # an overflowing unbounded stack is no measure of what the bound costs
+        cost_cell = "-" if cost is None else "n/a" if _not_comparable(row) else _paired_cell(cost)
         lines.append(
             f"| {row['flow']} | {row['dim']} | {row['mode']} | {_ms(row['ours'])} | {_ms(row['pyro'])} | {row['ratio']:.2f} | {_paired_cell(row)} | {row['control_ratio']:.2f} | {same_cell} | {cost_cell} |"
         )

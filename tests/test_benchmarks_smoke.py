@@ -70,24 +70,24 @@ def test_the_throughput_verdict_judges_each_row_by_its_interval():
     assert "Too few repeats" in _verdict([row("slow", 2.0, 2.0, repeats=1)], _default_interval, "Defaults")
 
 
-def test_the_same_math_verdict_reads_the_same_math_interval_and_skips_rows_where_pyro_clamps():
+def test_the_same_math_verdict_reads_the_same_math_interval_and_skips_rows_that_overflow():
     from benchmarks.bench_transforms import THROUGHPUT_TARGET, _same_math_verdict
 
-    def row(flow, default, same, binding):
+    def row(flow, default, same, finite):
         return {"flow": flow, "dim": 16, "mode": "forward+backward", "ours": {"repeats": 21},
                 "paired_interval": default,
-                "same_math": {"paired_interval": same, "pyro_clamp_binding_share": binding}}
+                "same_math": {"paired_interval": same, "unbounded_finite": finite}}
 
     slow, fast = (THROUGHPUT_TARGET + 0.02, 1.2), (0.9, 1.0)
-    verdict = _same_math_verdict([row("bounded", slow, fast, 0.0), row("plain", fast, fast, None),
-                                  row("clamped", fast, slow, 0.01)])
+    verdict = _same_math_verdict([row("bounded", slow, fast, True), row("plain", fast, fast, None),
+                                  row("overflowing", fast, slow, False)])
     judged, not_judged = verdict.split("Not judged")
-    # the default's interval is not what this line reads, and a row where the maps differ is
-    # named as not judged instead of counted
-    assert "bounded" not in judged and "plain" not in judged and "clamped" not in judged
-    assert "clamped D = 16" in not_judged
-    assert "Not judged" not in _same_math_verdict([row("bounded", fast, slow, 0.0)])
-    assert "bounded D = 16" in _same_math_verdict([row("bounded", fast, slow, 0.0)])
+    # the default's interval is not what this line reads, and a row whose unbounded stack
+    # overflowed is named as not judged instead of counted
+    assert "bounded" not in judged and "plain" not in judged and "overflowing" not in judged
+    assert "overflowing D = 16" in not_judged
+    assert "Not judged" not in _same_math_verdict([row("bounded", fast, slow, True)])
+    assert "bounded D = 16" in _same_math_verdict([row("bounded", fast, slow, True)])
 
 
 @pytest.mark.parametrize("name", ["iaf", "realnvp"])
@@ -98,6 +98,7 @@ def test_the_same_math_contenders_are_pyros_map_on_our_networks_until_its_clamp_
     import transforms
     from benchmarks.bench_transforms import (
         UNBOUNDED_VARIANT, _clamp_binding_share, _forward_logdet, _our_layer_on, _pyro_layer_on,
+        _same_map_check,
     )
 
     torch.manual_seed(3)
@@ -107,7 +108,8 @@ def test_the_same_math_contenders_are_pyros_map_on_our_networks_until_its_clamp_
     pyro_layers = (pyro_transforms.AffineAutoregressive, pyro_transforms.AffineCoupling)
     assert sum(isinstance(part, pyro_layers) for part in pyros) == 3  # every layer, not the reversals
     x = 0.5 * torch.randn(32, 4)
-    assert _clamp_binding_share(pyros, x) == 0.0
+    assert _same_map_check(pyros, unbounded, x) == {"pyro_clamp_binding_share": 0.0,
+                                                     "unbounded_finite": True}
     results = []
     for parts in (pyros, unbounded):
         for parameter in ours[0].parameters():
@@ -126,3 +128,7 @@ def test_the_same_math_contenders_are_pyros_map_on_our_networks_until_its_clamp_
         last = [m for m in network.modules() if isinstance(m, torch.nn.Linear)][-1]
         last.bias.add_(10.0)
     assert _clamp_binding_share(pyros, x) > 0
+    # and far enough past it, the unbounded stack overflows
+    with torch.no_grad():
+        last.bias.add_(1e3)
+    assert _same_map_check(pyros, unbounded, x)["unbounded_finite"] is False
