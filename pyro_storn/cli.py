@@ -140,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flow-start", choices=FLOW_STARTS, default="random",
                    help="'identity': the flow layers start as the identity map (their networks' "
                    "output layers zero), so a flow added with --init-from starts as exactly that "
-                   "run's guide; iaf, maf, realnvp and nice only (default: random, each family's "
-                   "own initialisation)")
+                   "run's guide; iaf, maf, realnvp and nice only, with a --flow-length whose "
+                   "permutations between layers cancel (odd for iaf and maf) (default: random, "
+                   "each family's own initialisation)")
     p.add_argument("--checkpoint-every", type=_positive_int, default=1, help="epochs")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (its stored settings; --epochs is the total)")
