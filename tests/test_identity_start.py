@@ -23,7 +23,7 @@ def _flow(name: str, length: int, conditional: bool, **kwargs):
     return flow.double()
 
 
-def _applied(flow, conditional: bool, x: torch.Tensor, context: torch.Tensor):
+def _applied(flow, conditional: bool, context: torch.Tensor):
     return flow.condition(context) if conditional else flow
 
 
@@ -34,10 +34,10 @@ def test_the_flow_is_the_identity_with_log_det_zero(name, conditional):
     flow = _flow(name, 3, conditional)
     x = torch.randn(16, DIM, dtype=torch.float64)
     context = torch.randn(16, CONTEXT, dtype=torch.float64)
-    before = _applied(flow, conditional, x, context)(x)
+    before = _applied(flow, conditional, context)(x)
     assert not torch.allclose(before, x)  # the random initialisation is not the identity
     assert transforms.start_at_identity(flow) is flow
-    transform = _applied(flow, conditional, x, context)
+    transform = _applied(flow, conditional, context)
     x = x.clone()  # a fresh tensor: Pyro transforms cache the last pair by identity
     y = transform(x)
     assert torch.equal(y, x)

@@ -42,9 +42,9 @@ _COUPLINGS = (AffineCoupling, AdditiveCoupling, ConditionalAffineCoupling, Condi
 def _network(layer: torch.nn.Module) -> torch.nn.Module | None:
     """The network whose zero output makes ``layer`` the identity; None when there is none."""
     if isinstance(layer, _MADEAffine):
-        gated = layer.gated
+        gated, network = layer.gated, layer.arn
     elif isinstance(layer, _ConditionalMADEAffine):
-        gated = bool(layer.kwargs.get("gated", False))
+        gated, network = bool(layer.kwargs.get("gated", False)), layer.nn
     elif isinstance(layer, _COUPLINGS):
         return layer.nn
     else:
@@ -54,7 +54,7 @@ def _network(layer: torch.nn.Module) -> torch.nn.Module | None:
             f"{type(layer).__name__} with gated=True cannot start at the identity: its update "
             "sigmoid(logit) * x + (1 - sigmoid(logit)) * m is not the identity at any finite logit"
         )
-    return layer.arn if isinstance(layer, _MADEAffine) else layer.nn
+    return network
 
 
 def _layers(flow: torch.nn.Module) -> list[torch.nn.Module]:
@@ -63,29 +63,21 @@ def _layers(flow: torch.nn.Module) -> list[torch.nn.Module]:
     return [flow]
 
 
-def _input_dim(layers: list[torch.nn.Module]) -> int | None:
-    """The vector size the flow acts on, read off its first autoregressive or coupling layer."""
-    for layer in layers:
-        if isinstance(layer, (_MADEAffine, _ConditionalMADEAffine)):
-            network = layer.arn if isinstance(layer, _MADEAffine) else layer.nn
-            return int(network.input_dim)
-        if isinstance(layer, _COUPLINGS):
-            return int(layer.split_dim + layer.nn.param_dims[0])
-    return None
+def _input_dim(layer: torch.nn.Module, network: torch.nn.Module) -> int:
+    """The vector size an autoregressive or coupling layer acts on."""
+    if isinstance(layer, _COUPLINGS):
+        return int(layer.split_dim + network.param_dims[0])
+    return int(network.input_dim)
 
 
-def _check_permutations_cancel(layers: list[torch.nn.Module]) -> None:
+def _check_permutations_cancel(permutations: list[torch.nn.Module], dim: int) -> None:
     """The permutations between the layers stay when the layers become the identity: unless they
     compose to the identity (e.g. an even number of reversals), the flow would start as a
     permutation of the coordinates, and a decoder trained on them would read them swapped."""
-    dim = _input_dim(layers)
-    if dim is None:
-        return
     index = torch.arange(dim, dtype=torch.float64)
     probe = index
-    for layer in layers:
-        if _network(layer) is None and not any(True for _ in layer.parameters()):
-            probe = layer(probe)
+    for permutation in permutations:
+        probe = permutation(probe)
     if not torch.equal(probe, index):
         order = [int(i) for i in probe]
         raise ValueError(
@@ -105,10 +97,8 @@ def start_at_identity(flow: torch.nn.Module) -> torch.nn.Module:
     with parameters but no identity start (planar, radial, ..., or a gated IAF/MAF), or
     permutations that do not cancel, raise :class:`ValueError` naming them, before any layer is
     changed."""
-    layers = _layers(flow)
-    _check_permutations_cancel(layers)
-    networks = []
-    for layer in layers:
+    outputs, permutations, dim = [], [], None
+    for layer in _layers(flow):
         network = _network(layer)
         if network is None:
             if any(True for _ in layer.parameters()):
@@ -116,11 +106,14 @@ def start_at_identity(flow: torch.nn.Module) -> torch.nn.Module:
                     f"{type(layer).__name__} has no identity start; the flows that have one: "
                     f"{', '.join(STARTS_AT_IDENTITY)}"
                 )
+            permutations.append(layer)
             continue
-        output = [module for module in network.modules() if isinstance(module, torch.nn.Linear)][-1]
-        networks.append(output)
+        dim = _input_dim(layer, network) if dim is None else dim
+        outputs.append([m for m in network.modules() if isinstance(m, torch.nn.Linear)][-1])
+    if dim is not None:
+        _check_permutations_cancel(permutations, dim)
     with torch.no_grad():
-        for output in networks:
+        for output in outputs:
             output.weight.zero_()
             if output.bias is not None:
                 output.bias.zero_()
