@@ -252,11 +252,9 @@ def _train(args: argparse.Namespace) -> int:
                           "directory")
     if out.exists() and not out.is_dir():
         raise _InputError(f"--out {args.out!r} is not a directory")
-    if args.distributed:
-        from .distributed import process_rank, train_distributed as train
     try:
         result = train(data, out, config, data_path=args.data, resume=args.resume,
-                       progress=not args.quiet)
+                       progress=not args.quiet, distributed=args.distributed)
     except NonFiniteLossError as error:
         print(f"pyro-storn train: {error}", file=sys.stderr)
         return EXIT_TRAINING_FAILED
@@ -264,7 +262,9 @@ def _train(args: argparse.Namespace) -> int:
         print(f"interrupted after {result.epochs_completed} epoch(s); checkpoint "
               f"{result.checkpoint}; continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if args.distributed and process_rank() != 0:
+    from .distributed import process_rank
+
+    if process_rank() != 0:
         return 0  # rank 0 reports
     last = result.history[-1] if result.history else {}
     print(f"trained {args.out}: {result.epochs_completed} epochs, test -ELBO "

@@ -29,9 +29,9 @@ from .data.sequences import SequenceData, load_sequences
 from .diagnostics import ImportanceDraws, draw_importance_samples, summarize_importance
 from .diagnostics import write_diagnostics
 from .evaluation import bounds_summary, evaluate_bounds, sequence_metrics
-from .optim import MultiTensorAdam
+from .distributed import DistributedEnv, ExampleNoise, init_distributed
 from .storn import RNN_TYPES, STORN
-from .training import BEST_NAME, CHECKPOINT_NAME, FitResult, fit
+from .training import BEST_NAME, CHECKPOINT_NAME, FitResult, Optimizer, elbo_module, fit
 
 __all__ = [
     "TrainConfig",
@@ -251,61 +251,87 @@ def train(
     data_path: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = True,
+    distributed: bool = False,
+    example_noise: bool | None = None,
+    log_every: int = 10,
 ) -> FitResult:
-    """Train STORN on ``data`` into ``run_dir``; on ``resume`` the stored config is used, with
-    ``config.epochs`` as the new total. With ``config.validation_fraction > 0`` that share of the
-    training sequences (:func:`validation_split`) is held out: not trained on, scored every epoch
-    (``validation/*`` in ``metrics.jsonl``), and the state of the epoch with the lowest validation
-    -ELBO is kept in ``best.pt``, which :func:`load_run` then prefers."""
+    """Train STORN on ``data`` into ``run_dir`` through :func:`pyro_storn.training.fit`; on
+    ``resume`` the stored config is used, with ``config.epochs`` as the new total. With
+    ``config.validation_fraction > 0`` that share of the training sequences
+    (:func:`validation_split`) is held out: not trained on, scored every epoch (``validation/*``
+    in ``metrics.jsonl``), and the state of the epoch with the lowest validation -ELBO is kept in
+    ``best.pt``, which :func:`load_run` then prefers.
+
+    :param distributed: join the ``torchrun`` process group (world size 1 without one);
+        ``config.batch_size`` is then per rank. A checkpoint of either kind resumes in the other.
+    :param example_noise: draw the guide's noise per example (:class:`ExampleNoise`), so that the
+        numbers do not depend on the world size; default: on when ``distributed``.
+    """
     run_dir = Path(run_dir)
     if resume:
         stored = json.loads((run_dir / CONFIG_NAME).read_text())
         config = TrainConfig.from_dict({**stored["config"], "epochs": config.epochs})
     config.validate()
-    x, mask, x_test, mask_test = _tensors(data)
-    fit_index, validation_index = validation_split(x.shape[0], config.validation_fraction)
-    x_validation, mask_validation = x[validation_index], mask[validation_index]
-    x, mask = x[fit_index], mask[fit_index]
-    pyro.set_rng_seed(config.seed)
-    storn = build_storn(data.input_dim, config)
-    storn.set_data_statistics(x, mask)
-    # before anything is written: a bad source fails the run with nothing on disk (on resume
-    # the checkpoint holds every parameter)
-    init = warm_start(storn, config.init_from) if config.init_from and not resume else None
-    storn.to(config.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record = run_record(config, storn, data, data_path)
-    if init is not None:
-        record["init_from"] = init
-    elif resume and "init_from" in stored:
-        record["init_from"] = stored["init_from"]
-    (run_dir / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    example_noise = distributed if example_noise is None else example_noise
+    env = init_distributed(config.device) if distributed else DistributedEnv(
+        device=torch.device(config.device))
+    try:
+        x, mask, x_test, mask_test = _tensors(data)
+        fit_index, validation_index = validation_split(x.shape[0], config.validation_fraction)
+        x_validation, mask_validation = x[validation_index], mask[validation_index]
+        x, mask = x[fit_index], mask[fit_index]
+        pyro.set_rng_seed(config.seed)  # the same initial parameters on every rank
+        storn = build_storn(data.input_dim, config)
+        storn.set_data_statistics(x, mask)
+        # before anything is written: a bad source fails the run with nothing on disk (on resume
+        # the checkpoint holds every parameter)
+        init = warm_start(storn, config.init_from) if config.init_from and not resume else None
+        storn.to(env.device)
+        env.barrier()  # every rank has read the run directory before rank 0 writes to it
+        if env.is_primary:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            record = run_record(config, storn, data, data_path)
+            if init is not None:
+                record["init_from"] = init
+            elif resume and "init_from" in stored:
+                record["init_from"] = stored["init_from"]
+            if distributed:
+                record["distributed"] = {
+                    "world_size": env.world_size, "batch_size_per_rank": config.batch_size,
+                    "effective_batch_size": config.batch_size * env.world_size,
+                    "example_noise": example_noise,
+                    "backend": torch.distributed.get_backend() if env.world_size > 1 else None,
+                }
+            (run_dir / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
-    def before_epoch(epoch: int) -> None:
-        if config.kl_anneal_epochs:
-            storn.kl_weight = min(1.0, (epoch + 1) / config.kl_anneal_epochs)
+        def before_epoch(epoch: int) -> None:
+            if config.kl_anneal_epochs:
+                storn.kl_weight = min(1.0, (epoch + 1) / config.kl_anneal_epochs)
 
-    def epoch_metrics(epoch: int) -> dict[str, Any]:
-        metrics: dict[str, Any] = {"kl_weight": storn.kl_weight}
-        splits = {"train": (x, mask), "validation": (x_validation, mask_validation),
-                  "test": (x_test, mask_test)}
-        for split, (xs, ms) in splits.items():
-            if xs.shape[0] == 0:
-                continue
-            values = sequence_metrics(storn, xs, ms)
-            metrics.update({f"{split}/{name}": value for name, value in values.items()})
-        return metrics
+        def epoch_metrics(epoch: int) -> dict[str, Any]:  # rank 0 only
+            metrics: dict[str, Any] = {"kl_weight": storn.kl_weight}
+            splits = {"train": (x, mask), "validation": (x_validation, mask_validation),
+                      "test": (x_test, mask_test)}
+            for split, (xs, ms) in splits.items():
+                if xs.shape[0] == 0:
+                    continue
+                values = sequence_metrics(storn, xs, ms)
+                metrics.update({f"{split}/{name}": value for name, value in values.items()})
+            return metrics
 
-    # pyro.optim.Adam's updates, in one multi-tensor step instead of one optimiser per tensor
-    optim = MultiTensorAdam({"lr": config.lr}, {"clip_norm": config.clip_norm})
-    return fit(
-        storn.model, storn.guide, storn, optim, _make_loss(config), (x, mask),
-        epochs=config.epochs, batch_size=config.batch_size, run_dir=run_dir, seed=config.seed,
-        device=config.device, epoch_metrics=epoch_metrics, before_epoch=before_epoch,
-        checkpoint_every=config.checkpoint_every, resume=resume, progress=progress,
-        extra_state={"model": storn.config()},
-        keep_best=VALIDATION_METRIC if len(validation_index) else None,
-    )
+        noise = ExampleNoise("z", seed=config.seed) if example_noise else None
+        return fit(
+            elbo_module(_make_loss(config), storn, noise=noise), storn, (x, mask),
+            epochs=config.epochs, batch_size=config.batch_size, run_dir=run_dir,
+            optimizer=Optimizer(lr=config.lr, clip_norm=config.clip_norm), seed=config.seed,
+            env=env, epoch_metrics=epoch_metrics, before_epoch=before_epoch,
+            before_step=None if noise is None else noise.set_batch,
+            checkpoint_every=config.checkpoint_every, resume=resume, progress=progress,
+            log_every=log_every, extra_state={"model": storn.config()},
+            keep_best=VALIDATION_METRIC if len(validation_index) else None,
+        )
+    finally:
+        env.close()
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:

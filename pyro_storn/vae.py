@@ -397,17 +397,17 @@ def fit_vae(
     generic loop :func:`pyro_storn.training.fit` (minibatches, ``metrics.jsonl``, checkpoints,
     resume, non-finite-loss stop).
 
-    Training images are binarised afresh for every batch. Adam (Pyro's
-    :class:`~pyro.optim.ClippedAdam`: gradients clipped elementwise at ``clip_norm``) with the
-    learning rate multiplied by ``lr_decay`` per epoch (spread evenly over its steps, so the
-    schedule is part of the optimiser state a resumed run restores). KL warm-up: the latent
-    site's weight is :func:`kl_warmup_weight` of the epoch.
+    Training images are binarised afresh for every batch. Adam with the loop's one clipping rule
+    (the gradient's global norm at most ``clip_norm``), the learning rate multiplied by
+    ``lr_decay`` per epoch (spread evenly over its steps: a function of the step count, which
+    the checkpoint keeps). KL warm-up: the latent site's weight is :func:`kl_warmup_weight` of
+    the epoch.
 
     Each epoch's line of ``metrics.jsonl`` holds :func:`flow_metrics` on the first
     ``metric_images`` training images (binarised once) as ``train_*`` and on as many test images
     as ``test_*``, the KL weight and the learning rate.
     """
-    from .training import fit
+    from .training import Optimizer, elbo_module, fit
 
     for name, value in (("epochs", epochs), ("batch_size", batch_size),
                         ("metric_images", metric_images)):
@@ -425,9 +425,8 @@ def fit_vae(
         )
     device = torch.device(device)
     batches_per_epoch = math.ceil(data.train.shape[0] / batch_size)
-    optim = pyro.optim.ClippedAdam(
-        {"lr": lr, "lrd": lr_decay ** (1.0 / batches_per_epoch), "clip_norm": clip_norm}
-    )
+    optimizer = Optimizer(lr=lr, clip_norm=clip_norm,
+                          lr_factor=lambda step, _: lr_decay ** (step / batches_per_epoch))
     train_probe = data.fixed_train()[:metric_images]
     test_probe = data.test_tensor()[:metric_images]
 
@@ -439,16 +438,13 @@ def fit_vae(
         for prefix, images in (("train", train_probe), ("test", test_probe)):
             for name, value in flow_metrics(vae, images).items():
                 record[f"{prefix}_{name}"] = value
-        optimizers = list(optim.optim_objs.values())
-        if optimizers:
-            record["lr"] = optimizers[0].param_groups[0]["lr"]
         return record
 
     try:
         return fit(
-            vae.model, vae.guide, vae, optim, pyro.infer.Trace_ELBO(),
-            (data.train_dataset(),),
-            epochs=epochs, batch_size=batch_size, run_dir=run_dir, seed=seed, device=device,
+            elbo_module(pyro.infer.Trace_ELBO(), vae), vae, (data.train_dataset(),),
+            epochs=epochs, batch_size=batch_size, run_dir=run_dir, optimizer=optimizer,
+            seed=seed, device=device,
             epoch_metrics=epoch_metrics, before_epoch=before_epoch, resume=resume,
             extra_state={"vae": vae.config(), "data": data.source}, progress=progress,
         )

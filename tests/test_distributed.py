@@ -27,12 +27,10 @@ from pyro_storn.distributed import (
     DistributedEnv,
     ExampleNoise,
     ProgramModule,
-    fit_elbo_module,
     init_distributed,
-    train_distributed,
 )
-from pyro_storn.runs import TrainConfig, build_storn
-from pyro_storn.training import CHECKPOINT_NAME, NonFiniteLossError, fit, read_metrics, svi_step
+from pyro_storn.runs import TrainConfig, build_storn, train
+from pyro_storn.training import CHECKPOINT_NAME, NonFiniteLossError, Optimizer, fit, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 FLOW = ["--flow", "planar", "--flow-length", "2"]
@@ -146,9 +144,10 @@ def _config(**kwargs) -> TrainConfig:
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, pendulum):
     data = load_sequences(pendulum)
-    full = train_distributed(data, tmp_path / "full", _config(), progress=False)
-    train_distributed(data, tmp_path / "part", _config(epochs=2), progress=False)
-    resumed = train_distributed(data, tmp_path / "part", _config(), resume=True, progress=False)
+    full = train(data, tmp_path / "full", _config(), progress=False, distributed=True)
+    train(data, tmp_path / "part", _config(epochs=2), progress=False, distributed=True)
+    resumed = train(data, tmp_path / "part", _config(), resume=True, progress=False,
+                    distributed=True)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     drop = ("epoch_seconds",)
     assert ([{k: v for k, v in r.items() if k not in drop} for r in resumed.history]
@@ -158,20 +157,25 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, pendulum):
     assert full.history[-1]["train_loss"] < full.history[0]["train_loss"]
 
 
-def test_cli_refuses_to_resume_with_the_other_trainer(tmp_path, pendulum, capsys):
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    common = ["--data", str(pendulum), "--epochs", "1", *TINY]
-    assert main(["train", "--out", str(single), *common]) == 0
-    assert main(["train", "--out", str(ddp), "--distributed", *common]) == 0
-    capsys.readouterr()
-    assert main(["train", "--out", str(single), "--resume", "--distributed", *common[:2],
-                 "--epochs", "2"]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "single-process trainer" in err
-    assert main(["train", "--out", str(ddp), "--resume", *common[:2], "--epochs", "2"]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "distributed trainer" in err
-    assert len(read_metrics(single)) == len(read_metrics(ddp)) == 1
+def test_checkpoints_move_between_the_single_process_and_the_distributed_run(tmp_path, pendulum):
+    """One loop: a run started in one process continues under --distributed and back, and with
+    the per-example noise it is the run that never moved."""
+    data = load_sequences(pendulum)
+    straight = train(data, tmp_path / "straight", _config(), progress=False, example_noise=True)
+    moved = tmp_path / "moved"
+    train(data, moved, _config(epochs=1), progress=False, example_noise=True)
+    train(data, moved, _config(epochs=2), resume=True, progress=False, distributed=True)
+    back = train(data, moved, _config(epochs=3), resume=True, progress=False, example_noise=True)
+    drop = ("epoch_seconds",)
+    assert ([{k: v for k, v in r.items() if k not in drop} for r in back.history]
+            == [{k: v for k, v in r.items() if k not in drop} for r in straight.history])
+    common = ["--data", str(pendulum), *TINY]
+    for first, then in ((["--distributed"], []), ([], ["--distributed"])):
+        run = tmp_path / ("cli" + "".join(first))
+        assert main(["train", "--out", str(run), "--epochs", "1", *first, *common]) == 0
+        assert main(["train", "--out", str(run), "--epochs", "2", "--resume", *then,
+                     *common]) == 0
+        assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
 
 
 # ---- two processes under torchrun ---------------------------------------------------------------
@@ -180,10 +184,9 @@ WORKER = """
 import os, sys, torch, torch.distributed as dist
 from pyro_storn.cli import main
 from pyro_storn.data.sequences import load_sequences
-from pyro_storn.distributed import train_distributed
-from pyro_storn.runs import TrainConfig
+from pyro_storn.runs import TrainConfig, train
 
-data_path, run_dir, out_dir = sys.argv[1:4]
+data_path, run_dir, out_dir, single_dir = sys.argv[1:5]
 dist.init_process_group("gloo")  # the library joins this group and leaves it alone
 rank = dist.get_rank()
 # Epoch 1 through the CLI, as a user runs it ...
@@ -191,9 +194,12 @@ code = main(["train", "--distributed", "--data", data_path, "--out", run_dir, "-
              "--batch-size", "{batch}", "--seed", "3", *{flow}, *{tiny}])
 assert code == 0, code
 # ... then --resume on every rank through the library, to get each rank's module.
-result = train_distributed(load_sequences(data_path), run_dir, TrainConfig(epochs=3),
-                           resume=True, progress=False)
+result = train(load_sequences(data_path), run_dir, TrainConfig(epochs=3), resume=True,
+               progress=False, distributed=True)
 torch.save(result.module.state_dict(), os.path.join(out_dir, f"rank{{rank}}.pt"))
+# A run a single process started continues on both ranks.
+train(load_sequences(data_path), single_dir, TrainConfig(epochs=2), resume=True, progress=False,
+      distributed=True)
 dist.destroy_process_group()
 """
 
@@ -207,13 +213,15 @@ def _free_port() -> int:
 def test_two_ranks_stay_identical_and_match_one_process_on_the_union(tmp_path, pendulum):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(WORKER).format(batch=PER_RANK_BATCH, flow=FLOW, tiny=TINY))
+    started_alone = tmp_path / "started_alone"
+    train(load_sequences(pendulum), started_alone, _config(epochs=1), progress=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
                "--nproc_per_node", str(RANKS), "--master_addr", "127.0.0.1",
                "--master_port", str(_free_port()), str(script), str(pendulum),
-               str(tmp_path / "ddp"), str(tmp_path)]
+               str(tmp_path / "ddp"), str(tmp_path), str(started_alone)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
                           env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -229,10 +237,12 @@ def test_two_ranks_stay_identical_and_match_one_process_on_the_union(tmp_path, p
     assert config["distributed"]["effective_batch_size"] == RANKS * PER_RANK_BATCH
     assert config["distributed"]["backend"] == "gloo"
 
+    resumed_alone = read_metrics(started_alone)
+    assert [r.get("world_size", 1) for r in resumed_alone] == [1, RANKS]
     # One process, batches of RANKS * PER_RANK_BATCH: each of its batches is the union of the
-    # two ranks' batches (DistributedSampler deals the same (seed, epoch) shuffle out in turn).
-    single = train_distributed(load_sequences(pendulum), tmp_path / "single", _config(),
-                               progress=False)
+    # two ranks' batches (the shard deals the same (seed, epoch) shuffle out in turn).
+    single = train(load_sequences(pendulum), tmp_path / "single", _config(), progress=False,
+                   distributed=True)
     for name, value in single.module.state_dict().items():
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6, msg=name)
     np.testing.assert_allclose([r["train_loss"] for r in history],
@@ -284,16 +294,16 @@ def test_ddp_loop_adds_no_host_sync_per_step(tmp_path):
         noise = ExampleNoise("z")
         loss = pyro.infer.Trace_ELBO()(ProgramModule(storn, "model"),
                                        ProgramModule(storn, "guide", noise))
-        fit_elbo_module(loss, storn, (torch.randn(2 * steps, 5, 3),), epochs=1, batch_size=2,
-                        run_dir=tmp_path / f"loop{steps}", env=DistributedEnv(),
-                        before_step=noise.set_batch, progress=False, log_every=100)
+        fit(loss, storn, (torch.randn(2 * steps, 5, 3),), epochs=1, batch_size=2,
+            run_dir=tmp_path / f"loop{steps}", env=DistributedEnv(),
+            before_step=noise.set_batch, progress=False, log_every=100)
 
     def bare(steps: int) -> None:
         storn = _storn(flow="planar")
         noise = ExampleNoise("z")
         loss = pyro.infer.Trace_ELBO()(ProgramModule(storn, "model"),
                                        ProgramModule(storn, "guide", noise))
-        optimizer = torch.optim.Adam(storn.parameters(), lr=1e-3)
+        optimizer = torch.optim.Adam(storn.parameters(), lr=1e-3, foreach=True)
         x = torch.randn(2 * steps, 5, 3)
         for step in range(steps):
             noise.set_batch(0, [2 * step, 2 * step + 1])
@@ -307,25 +317,6 @@ def test_ddp_loop_adds_no_host_sync_per_step(tmp_path):
     assert _marginal(loop) == _marginal(bare)
 
 
-def test_single_process_fit_adds_no_host_sync_per_step(tmp_path):
-    def loop(steps: int) -> None:
-        storn = _storn(flow=None)
-        fit(storn.model, storn.guide, storn, pyro.optim.Adam({"lr": 1e-3}, {"clip_norm": 10.0}),
-            pyro.infer.Trace_ELBO(), (torch.randn(2 * steps, 5, 3),), epochs=1, batch_size=2,
-            run_dir=tmp_path / f"fit{steps}", progress=False, log_every=100)
-
-    def bare(steps: int) -> None:
-        storn = _storn(flow=None)
-        pyro.clear_param_store()
-        optim = pyro.optim.Adam({"lr": 1e-3}, {"clip_norm": 10.0})
-        x = torch.randn(2 * steps, 5, 3)
-        for step in range(steps):
-            svi_step(storn.model, storn.guide, optim, pyro.infer.Trace_ELBO(),
-                     x[2 * step : 2 * step + 2])
-
-    assert _marginal(loop) == _marginal(bare)
-
-
 def test_cuda_default_turns_off_validation_and_its_syncs(tmp_path):
     """On CUDA the loop turns distribution validation off (each check waits for the device):
     exercised here on CPU with ``validate=False``, the loop's per-step syncs are then those of
@@ -335,9 +326,9 @@ def test_cuda_default_turns_off_validation_and_its_syncs(tmp_path):
         storn = _storn(flow="planar")
         loss = pyro.infer.Trace_ELBO()(ProgramModule(storn, "model"),
                                        ProgramModule(storn, "guide"))
-        fit_elbo_module(loss, storn, (torch.randn(2 * steps, 5, 3),), epochs=1, batch_size=2,
-                        run_dir=tmp_path / f"v{validate}{steps}", progress=False, log_every=100,
-                        validate=validate)
+        fit(loss, storn, (torch.randn(2 * steps, 5, 3),), epochs=1, batch_size=2,
+            run_dir=tmp_path / f"v{validate}{steps}", progress=False, log_every=100,
+            validate=validate)
 
     def bare(steps: int) -> None:
         storn = _storn(flow="planar")
@@ -376,8 +367,8 @@ def test_non_finite_loss_stops_every_rank_and_keeps_the_good_checkpoint(tmp_path
     module = _Exploding(good_steps=5)  # 4 steps per epoch: the loss explodes in epoch 2, step 2
     loss = pyro.infer.Trace_ELBO()(ProgramModule(module, "model"), ProgramModule(module, "guide"))
     with pytest.raises(NonFiniteLossError, match=r"epoch 2, batch 2;.*is kept") as error:
-        fit_elbo_module(loss, module, (torch.randn(16),), epochs=3, batch_size=4,
-                        run_dir=tmp_path, lr=0.1, progress=False, log_every=1)
+        fit(loss, module, (torch.randn(16),), epochs=3, batch_size=4, run_dir=tmp_path,
+            optimizer=Optimizer(lr=0.1), progress=False, log_every=1)
     assert (error.value.epoch, error.value.batch) == (2, 2)
     state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["module"].values())

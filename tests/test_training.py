@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import signal
+import warnings
 
 import numpy as np
 import pyro
@@ -14,7 +17,10 @@ import torch
 
 from pyro_storn import STORN
 from pyro_storn.checkpoint import (
+    FORMAT,
+    MAGIC,
     CheckpointError,
+    content_digest,
     load_checkpoint,
     previous_path,
     rng_state,
@@ -26,6 +32,7 @@ from pyro_storn.runs import TrainConfig, train
 from pyro_storn.training import (
     CHECKPOINT_NAME,
     NonFiniteLossError,
+    Optimizer,
     epoch_permutation,
     fit,
     read_metrics,
@@ -134,7 +141,7 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, how):
     module, model, guide = _nan_after(5, how)  # 4 batches per epoch: NaN in epoch 2, batch 2
     x = torch.randn(16)
     with pytest.raises(NonFiniteLossError, match=r"epoch 2, batch 2;.*checkpoint.*is kept") as e:
-        fit(model, guide, module, pyro.optim.Adam({"lr": 0.1}), pyro.infer.Trace_ELBO(), (x,),
+        fit(pyro.infer.Trace_ELBO()(model, guide), module, (x,), optimizer=Optimizer(lr=0.1),
             epochs=5, batch_size=4, run_dir=tmp_path, progress=False, log_every=1)
     assert (e.value.epoch, e.value.batch) == (2, 2)
     state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
@@ -146,22 +153,22 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, how):
 def test_non_finite_in_first_epoch_writes_no_checkpoint(tmp_path):
     module, model, guide = _nan_after(n_good_steps=1)
     with pytest.raises(NonFiniteLossError, match="no checkpoint was written"):
-        fit(model, guide, module, pyro.optim.Adam({"lr": 0.1}), pyro.infer.Trace_ELBO(),
-            (torch.randn(16),), epochs=2, batch_size=4, run_dir=tmp_path, progress=False)
+        fit(pyro.infer.Trace_ELBO()(model, guide), module, (torch.randn(16),),
+            optimizer=Optimizer(lr=0.1), epochs=2, batch_size=4, run_dir=tmp_path, progress=False)
     assert not (tmp_path / CHECKPOINT_NAME).exists()
 
 
 def test_fit_argument_errors(tmp_path):
     module, model, guide = _nan_after(100)
-    optim, elbo = pyro.optim.Adam({"lr": 0.1}), pyro.infer.Trace_ELBO()
+    objective = pyro.infer.Trace_ELBO()(model, guide)
     with pytest.raises(ValueError, match="batch_size"):
-        fit(model, guide, module, optim, elbo, (torch.randn(4),), epochs=1, batch_size=0,
+        fit(objective, module, (torch.randn(4),), epochs=1, batch_size=0,
             run_dir=tmp_path)
     with pytest.raises(ValueError, match="share a non-zero first dim"):
-        fit(model, guide, module, optim, elbo, (torch.randn(4), torch.randn(3)), epochs=1,
+        fit(objective, module, (torch.randn(4), torch.randn(3)), epochs=1,
             batch_size=2, run_dir=tmp_path)
     with pytest.raises(ValueError, match="no checkpoint"):
-        fit(model, guide, module, optim, elbo, (torch.randn(4),), epochs=1, batch_size=2,
+        fit(objective, module, (torch.randn(4),), epochs=1, batch_size=2,
             run_dir=tmp_path / "empty", resume=True)
 
 
@@ -184,7 +191,8 @@ def test_checkpoint_roundtrip_corruption_and_fallback(tmp_path):
     with pytest.warns(UserWarning, match="sha256 mismatch|truncated"):
         assert load_checkpoint(path)["epoch"] == 1
     flipped = bytearray(raw)
-    flipped[-5] ^= 0xFF  # one corrupt byte in the payload
+    at = raw.index(torch.arange(4.0).numpy().tobytes())  # the tensor's bytes in the archive
+    flipped[at + 5] ^= 0xFF  # one corrupt byte in the payload
     path.write_bytes(bytes(flipped))
     with pytest.warns(UserWarning, match="sha256 mismatch"):
         assert load_checkpoint(path)["epoch"] == 1
@@ -197,6 +205,52 @@ def test_checkpoint_roundtrip_corruption_and_fallback(tmp_path):
     with pytest.raises(CheckpointError, match="no usable checkpoint"):
         load_checkpoint(path)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_checkpoint_opens_with_plain_torch_load(tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt.pt", {"epoch": 4, "w": torch.arange(3.0)})
+    payload = torch.load(path, weights_only=True)
+    assert payload["epoch"] == 4 and torch.equal(payload["w"], torch.arange(3.0))
+    assert payload["format"] == FORMAT and payload["sha256"] == content_digest(payload)
+    with pytest.raises(ValueError, match="reserved"):
+        save_checkpoint(path, {"sha256": "x"})
+
+
+def test_every_flipped_byte_is_caught_or_harmless(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"epoch": 1, "w": torch.zeros(2)})
+    save_checkpoint(path, {"epoch": 2, "w": torch.arange(5.0), "names": ["a", "b"]})
+    raw = path.read_bytes()
+    at = raw.index(torch.arange(5.0).numpy().tobytes())
+    tensor_bytes = set(range(at, at + 20))
+    caught = set()
+    for offset in range(len(raw)):
+        flipped = bytearray(raw)
+        flipped[offset] ^= 0x41
+        path.write_bytes(bytes(flipped))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            payload = load_checkpoint(path)
+        fallback = [w for w in seen if "using the previous checkpoint" in str(w.message)]
+        if fallback:  # detected: the previous checkpoint
+            caught.add(offset)
+            assert payload["epoch"] == 1
+        else:  # archive bytes that do not change the content (e.g. zip padding)
+            assert payload["epoch"] == 2 and torch.equal(payload["w"], torch.arange(5.0))
+            assert payload["names"] == ["a", "b"]
+    assert tensor_bytes <= caught  # a changed value is always caught
+
+
+def test_checkpoints_of_the_first_format_still_load(tmp_path):
+    buffer = io.BytesIO()
+    torch.save({"epoch": 7, "w": torch.ones(2)}, buffer)
+    data = buffer.getvalue()
+    path = tmp_path / "old.pt"
+    path.write_bytes(MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
+    assert load_checkpoint(path)["epoch"] == 7
+    path.write_bytes(MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data[:-9])
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        load_checkpoint(path)
 
 
 def test_rng_state_roundtrip(tmp_path):

@@ -15,8 +15,15 @@ from pyro_storn.cli import main
 from pyro_storn.data.sequences import SequenceData
 from random_walks import random_walk_data
 from pyro_storn.report import format_table, run_summary
-from pyro_storn.runs import TrainConfig, evaluate_run, load_run, train, validation_split
-from pyro_storn.training import BEST_NAME, CHECKPOINT_NAME, fit, read_metrics
+from pyro_storn.runs import (
+    VALIDATION_METRIC,
+    TrainConfig,
+    evaluate_run,
+    load_run,
+    train,
+    validation_split,
+)
+from pyro_storn.training import BEST_NAME, CHECKPOINT_NAME, Optimizer, fit, read_metrics
 
 N, T, D = 20, 6, 2
 
@@ -81,7 +88,7 @@ def test_best_differs_from_last_when_validation_gets_worse(tmp_path):
     selection must then pick an earlier epoch than the last (or the test could not fail)."""
     run, data, data_path = tmp_path / "run", _data(), tmp_path / "data.npz"
     np.savez(data_path, x=data.x, mask=data.mask, x_test=data.x_test, mask_test=data.mask_test)
-    result = train(data, run, _config(epochs=8, lr=0.3), data_path=data_path, progress=False)
+    result = train(data, run, _config(epochs=8, lr=0.1), data_path=data_path, progress=False)
     values = [r["validation/neg_elbo"] for r in read_metrics(run)]
     assert int(np.argmin(values)) + 1 == result.best_epoch
     assert result.best_epoch < 8  # the premise (seeded): validation -ELBO rose at the end
@@ -143,9 +150,9 @@ def test_fit_names_a_keep_best_key_the_metrics_lack(tmp_path):
             pyro.sample("x", dist.Normal(module(x).squeeze(-1), 1.0), obs=x.squeeze(-1))
 
     with pytest.raises(ValueError, match="keep_best='validation/loss' is not in the epoch "
-                       "metrics; they have epoch, epoch_seconds, train_loss"):
-        fit(model, lambda x: None, module, pyro.optim.Adam({"lr": 0.01}), pyro.infer.Trace_ELBO(),
-            (torch.randn(8, 1),), epochs=1, batch_size=4, run_dir=tmp_path / "run",
+                       "metrics; they have epoch, epoch_seconds, lr, train_loss"):
+        fit(pyro.infer.Trace_ELBO()(model, lambda x: None), module, (torch.randn(8, 1),),
+            optimizer=Optimizer(lr=0.01), epochs=1, batch_size=4, run_dir=tmp_path / "run",
             keep_best="validation/loss", progress=False)
 
 
@@ -179,9 +186,10 @@ def test_cli_refuses_a_bad_validation_fraction(tmp_path, capsys, value):
     assert not (tmp_path / "run").exists()
 
 
-def test_the_distributed_trainer_refuses_a_validation_split_before_starting(tmp_path):
-    from pyro_storn.distributed import train_distributed
-
-    with pytest.raises(ValueError, match="not supported by the distributed trainer"):
-        train_distributed(_data(), tmp_path / "ddp", _config())
-    assert not (tmp_path / "ddp").exists()
+def test_the_distributed_run_keeps_the_best_validation_state_too(tmp_path):
+    alone = train(_data(), tmp_path / "alone", _config(), progress=False, example_noise=True)
+    ddp = train(_data(), tmp_path / "ddp", _config(), progress=False, distributed=True)
+    assert ddp.best_epoch == alone.best_epoch is not None
+    assert [r[VALIDATION_METRIC] for r in ddp.history] == [r[VALIDATION_METRIC]
+                                                           for r in alone.history]
+    assert (tmp_path / "ddp" / BEST_NAME).exists()

@@ -99,9 +99,11 @@ def test_a_bad_source_fails_before_anything_is_written(source, tmp_path, capsys)
     assert not out.exists()
 
 
-def test_the_distributed_trainer_refuses_it_before_starting(source, tmp_path):
-    from pyro_storn.distributed import train_distributed
-
-    with pytest.raises(ValueError, match="warm-starting is not supported by the distributed"):
-        train_distributed(_data(), tmp_path / "ddp", _config(init_from=str(source)))
-    assert not (tmp_path / "ddp").exists()
+def test_the_distributed_run_warm_starts_the_same_way(source, tmp_path):
+    alone = train(_data(), tmp_path / "alone", _config(init_from=str(source), epochs=1),
+                  progress=False, example_noise=True)
+    ddp = train(_data(), tmp_path / "ddp", _config(init_from=str(source), epochs=1),
+                progress=False, distributed=True)
+    assert ddp.history[0]["train_loss"] == alone.history[0]["train_loss"]
+    record = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    assert record["init_from"]["run"] == str(source.resolve())
