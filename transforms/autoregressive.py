@@ -495,6 +495,7 @@ def conditional_iaf(
 @register(
     "iaf",
     exact_inverse=True,
+    inverse="sequential pass, D network calls",
     conditional=conditional_iaf,
     permute_between=True,
     description="Inverse autoregressive flow on MADE (Kingma et al. 2016); gated=True for eq. 14",
@@ -533,6 +534,7 @@ def conditional_maf(
 @register(
     "maf",
     exact_inverse=True,
+    inverse="closed form, one network call",
     conditional=conditional_maf,
     permute_between=True,
     description="Masked autoregressive flow on MADE (Papamakarios et al. 2017): one-call density",

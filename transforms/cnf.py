@@ -665,6 +665,7 @@ def conditional_cnf(input_dim: int, context_dim: int, **kwargs: Any) -> Conditio
 @register(
     "cnf",
     exact_inverse=True,
+    inverse="numerical: ODE solve from T back to 0, to the solver tolerance",
     conditional=conditional_cnf,
     # Tight tolerances so that the solved map's autograd Jacobian matches the integrated trace
     # to the contract's 1e-6; the tests' traced guides use the fixed RK4 steps regardless.

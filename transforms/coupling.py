@@ -347,6 +347,7 @@ def conditional_realnvp(
 @register(
     "realnvp",
     exact_inverse=True,
+    inverse="closed form, one network call",
     conditional=conditional_realnvp,
     min_input_dim=2,
     permute_between=roll_by_split,
@@ -383,6 +384,7 @@ def conditional_nice(
 @register(
     "nice",
     exact_inverse=True,
+    inverse="closed form, one network call",
     conditional=conditional_nice,
     min_input_dim=2,
     permute_between=roll_by_split,

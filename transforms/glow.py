@@ -289,6 +289,7 @@ class LULinear(ConditionedLULinear, TransformModule):
 @register(
     "actnorm",
     exact_inverse=True,
+    inverse="closed form",
     description="Glow's activation normalisation (Kingma & Dhariwal 2018), data-dependent init",
 )
 def actnorm(input_dim: int) -> ActNorm:
@@ -299,6 +300,7 @@ def actnorm(input_dim: int) -> ActNorm:
 @register(
     "lu_linear",
     exact_inverse=True,
+    inverse="closed form (triangular solves)",
     description="Glow's invertible linear map in LU form (1x1 convolution for vectors)",
 )
 def lu_linear(input_dim: int) -> LULinear:

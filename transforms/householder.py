@@ -75,6 +75,7 @@ def conditional_householder(
 @register(
     "householder",
     exact_inverse=True,
+    inverse="closed form (reflections are their own inverse)",
     conditional=conditional_householder,
     description="Householder flow (Tomczak & Welling 2016): volume-preserving product of "
     "reflections, Pyro's",

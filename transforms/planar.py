@@ -9,6 +9,7 @@ here by a safeguarded Newton iteration, with gradients given by the implicit fun
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, Sequence, Tuple, Union
 
 import torch
@@ -433,10 +434,9 @@ class ConditionalPlanar(ConditionalTransformModule):
         self.nn = nn
 
     def condition(self, context: torch.Tensor) -> ConditionedPlanar:
-        # Evaluated once here rather than lazily: forward, inverse and log-det of the
-        # conditioned map then share one network evaluation.
-        bias, u, w = self.nn(context)
-        return ConditionedPlanar((bias, u, w))
+        # The network runs at each call, so the conditioned map follows the current parameters
+        # (and each call has its own graph); a log-det right after a forward reuses that call's.
+        return ConditionedPlanar(partial(self.nn, context))
 
 
 def conditional_planar(
@@ -451,6 +451,7 @@ def conditional_planar(
 @register(
     "planar",
     exact_inverse=True,
+    inverse="numerical: safeguarded Newton on one monotone scalar, to machine precision",
     conditional=conditional_planar,
     description="Planar flow (Rezende & Mohamed 2015) with an exact inverse at every point",
 )

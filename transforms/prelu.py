@@ -4,6 +4,7 @@ the normalizing-flow survey of Kobyzev, Prince & Brubaker 2020)."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Sequence
 
 import torch
@@ -57,6 +58,9 @@ class ConditionedPReLU(Transform):
         super().__init__(cache_size=1)
         self._params = params
         self.log_slope_bound = log_slope_bound
+        # (x, log-slope) of the last forward or inverse call: the log-det at that same x object
+        # reuses the log-slope instead of evaluating a context network again.
+        self._last_log_slope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def log_slope(self) -> torch.Tensor:
         """:math:`\\log\\alpha`."""
@@ -64,13 +68,21 @@ class ConditionedPReLU(Transform):
         return soft_bound(free, self.log_slope_bound)
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.where(x >= 0, x, torch.exp(self.log_slope()) * x)
+        log_slope = self.log_slope()
+        self._last_log_slope = (x, log_slope)
+        return torch.where(x >= 0, x, torch.exp(log_slope) * x)
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return torch.where(y >= 0, y, torch.exp(-self.log_slope()) * y)
+        log_slope = self.log_slope()
+        x = torch.where(y >= 0, y, torch.exp(-log_slope) * y)
+        self._last_log_slope = (x, log_slope)
+        return x
 
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        log_slope = self.log_slope()
+        if self._last_log_slope is not None and self._last_log_slope[0] is x:
+            log_slope = self._last_log_slope[1]
+        else:
+            log_slope = self.log_slope()
         return torch.where(x >= 0, torch.zeros_like(log_slope), log_slope).sum(-1)
 
 
@@ -127,8 +139,9 @@ class ConditionalPReLU(ConditionalTransformModule):
         self.log_slope_bound = log_slope_bound
 
     def condition(self, context: torch.Tensor) -> ConditionedPReLU:
-        # DenseNN with one output of size 1 keeps the trailing dim, so this is (..., D) for all D
-        return ConditionedPReLU(self.nn(context), log_slope_bound=self.log_slope_bound)
+        # The network runs at each call, so the conditioned map follows the current parameters.
+        # (DenseNN with one output of size 1 keeps the trailing dim: (..., D) for all D.)
+        return ConditionedPReLU(partial(self.nn, context), log_slope_bound=self.log_slope_bound)
 
     def reset_parameters(self) -> None:
         for layer in self.nn.modules():
@@ -159,6 +172,7 @@ def conditional_prelu(
 @register(
     "prelu",
     exact_inverse=True,
+    inverse="closed form",
     conditional=conditional_prelu,
     description="PReLU bijector: elementwise leaky ReLU with a learned positive slope",
 )

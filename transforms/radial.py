@@ -8,6 +8,7 @@ so its inverse reduces to the radius, which solves a quadratic.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, Sequence, Tuple, Union
 
 import torch
@@ -239,10 +240,9 @@ class ConditionalRadial(ConditionalTransformModule):
         self.nn = nn
 
     def condition(self, context: torch.Tensor) -> ConditionedRadial:
-        # Evaluated once here rather than lazily: forward, inverse and log-det of the
-        # conditioned map then share one network evaluation.
-        x0, alpha_prime, beta_prime = self.nn(context)
-        return ConditionedRadial((x0, alpha_prime, beta_prime))
+        # The network runs at each call, so the conditioned map follows the current parameters
+        # (and each call has its own graph); a log-det right after a forward reuses that call's.
+        return ConditionedRadial(partial(self.nn, context))
 
 
 def conditional_radial(
@@ -257,6 +257,7 @@ def conditional_radial(
 @register(
     "radial",
     exact_inverse=True,
+    inverse="closed form (a quadratic in the radius)",
     conditional=conditional_radial,
     description="Radial flow (Rezende & Mohamed 2015) with a closed-form inverse",
 )

@@ -39,6 +39,9 @@ class FlowInfo:
     :param name: the registry name.
     :param exact_inverse: the inverse is computed (analytically, or by a solver run to machine
         precision) at any point of the codomain, not only at the last forward output.
+    :param inverse: how the inverse is computed, for the docs and ``--help`` texts (e.g.
+        ``"closed form"``, ``"numerical: bracketed Newton per coordinate, to 4 ulps"``); defaults
+        to ``"exact"`` or ``"not exact"`` from ``exact_inverse``.
     :param conditional: ``build(..., context_dim=C)`` is supported.
     :param event_dim: 1 for a map of vectors (broadcast over any batch dims, e.g. time),
         2 for a map of a whole ``(T, Z)`` sequence.
@@ -61,6 +64,7 @@ class FlowInfo:
     permute_between: bool | Callable[..., TransformModule] = False
     test_kwargs: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    inverse: str = ""
 
     @property
     def conditional(self) -> bool:
@@ -80,6 +84,7 @@ def register(
     permute_between: bool | Callable[..., TransformModule] = False,
     test_kwargs: dict[str, Any] | None = None,
     description: str = "",
+    inverse: str | None = None,
 ) -> Callable[[PlainBuilder], PlainBuilder]:
     """Decorator for a flow family's plain builder ``builder(input_dim, **kwargs)``."""
 
@@ -98,6 +103,7 @@ def register(
             permute_between=permute_between,
             test_kwargs=dict(test_kwargs or {}),
             description=description or (builder.__doc__ or "").strip().split("\n")[0],
+            inverse=inverse or ("exact" if exact_inverse else "not exact"),
         )
         return builder
 

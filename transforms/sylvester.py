@@ -538,6 +538,7 @@ def conditional_sylvester(
 @register(
     "sylvester",
     exact_inverse=True,
+    inverse="numerical: back substitution of monotone scalars (Newton), to machine precision",
     conditional=conditional_sylvester,
     permute_between=True,
     description="Sylvester flow (van den Berg et al. 2018): orthogonal / Householder / "
