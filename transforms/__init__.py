@@ -16,6 +16,7 @@ from . import (  # noqa: F401
     coupling,
     glow,
     householder,
+    matrix_exponential,
     planar,
     prelu,
     radial,
