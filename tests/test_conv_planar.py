@@ -13,7 +13,7 @@ import torch
 
 import transforms
 from flow_helpers import move_parameters as _move, conditioned as _transform
-import transforms.conv_planar as cp
+import transforms.conv_planar_solvers as cp
 from transforms.conv_planar import ConditionedConvPlanar, ConvPlanar
 
 SEQ_LEN, LATENT, KERNEL, CONTEXT = 25, 2, 3, 4

@@ -429,20 +429,7 @@ def test_flow_composes_layers_and_factory_feeds_autonormalizingflow():
     assert math.isfinite(svi.step())
 
 
-STALE_OWNED_ELSEWHERE = {"conv_planar", "conv_planar_centered"}
-CONDITIONAL_CASES = [
-    pytest.param(
-        c,
-        id=str(c),
-        marks=pytest.mark.xfail(
-            strict=True, reason="conv_planar conditioning fixed in conv_planar.py by its owner"
-        ),
-    )
-    if c.name in STALE_OWNED_ELSEWHERE
-    else pytest.param(c, id=str(c))
-    for c in _cases(dims=(2,))
-    if c.conditional
-]
+CONDITIONAL_CASES = [pytest.param(c, id=str(c)) for c in _cases(dims=(2,)) if c.conditional]
 TRAIN_STEPS = 3  # Pyro's own test of conditional transforms takes three Adam steps
 
 
