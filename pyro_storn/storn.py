@@ -1,39 +1,72 @@
-"""STORN: stochastic recurrent networks (Bayer & Osendorfer 2014) with flow posteriors.
+r"""STORN: stochastic recurrent networks (Bayer & Osendorfer 2014) with flow posteriors.
 
-Generative model ("STORN with input"): a latent :math:`z_t \\sim \\mathcal N(0, I)` per step and a
+Generative model ("STORN with input"): a latent :math:`z_t \sim \mathcal N(0, I)` per step and a
 recurrent decoder fed the previous observation,
 
 .. math::
 
-    h^g_t = \\mathrm{RNN}_g(h^g_{t-1}, [x_{t-1}, z_t]),\\qquad
-    x_t \\sim \\mathcal N(\\mu_x(h^g_t), \\sigma_x(h^g_t)^2),\\qquad x_0 := 0.
+    h^g_t = \mathrm{RNN}_g(h^g_{t-1}, [x_{t-1}, z_t]),\qquad x_0 := 0,
 
-Guide: a recognition RNN over :math:`x_{1:t}` gives :math:`(\\mu_t, \\sigma_t, h_t)`;
-:math:`q_0(z_t) = \\mathcal N(\\mu_t, \\sigma_t^2)`, then ``flow_length`` layers of any flow of the
-:mod:`transforms` registry, whose parameters are a function of :math:`h_t` when the flow can be
-conditioned (as in the thesis) and shared across steps otherwise. Flows over a whole ``(T, Z)``
-sequence (event dim 2) plug in the same way.
+    x_t \sim \mathcal N(\mu_x(h^g_t), \sigma_x(h^g_t)^2) \quad\text{(``emission="normal"``)},
+    \qquad x_{t,d} \sim \mathrm{Bernoulli}(\sigma(\ell_d(h^g_t)))
+    \quad\text{(``emission="bernoulli"``, piano rolls)}.
+
+Guide: an encoder gives :math:`(\mu_t, \sigma_t, h_t)` per step, :math:`q_0(z_t) = \mathcal
+N(\mu_t, \sigma_t^2)`, then ``flow_length`` layers of any flow of the :mod:`transforms` registry,
+conditioned on :math:`h_t` when the flow can be (as in the thesis), shared across steps
+otherwise; flows over a whole ``(T, Z)`` sequence (event dim 2) plug in the same way. The encoder
+state :math:`h_t` summarises
+
+- ``encoder="forward"``: :math:`x_{1:t}`, STORN's filtering posterior :math:`q(z_t \mid x_{1:t})`;
+- ``encoder="backward"``: :math:`x_{t:T}`, a reversed RNN, :math:`q(z_t \mid x_{t:T})` as in the
+  DMM's and SRNN's guides [2, 3]: :math:`z_t` shapes :math:`x_t` and, through the decoder's
+  state, every later step, so the true posterior of :math:`z_t` depends on :math:`x_{t:T}`;
+- ``encoder="bidirectional"``: both, :math:`h_t = [\overrightarrow{h}_t, \overleftarrow{h}_t]`,
+  :math:`q(z_t \mid x_{1:T})`.
+
+The backward RNN runs over each sequence reversed within its own length, so padding never
+reaches a state that an observed step uses.
+
+Exact padding: in a ragged batch (``mask`` (N, T), True on observed steps) a sequence's *length*
+runs to its last observed step. Steps past it contribute exactly zero to every bound and every
+gradient: the prior and ``q0`` are masked there, per-step flows' log-dets are masked there,
+flows over time are restricted to the steps within the length (they see the sequence as if it
+ended there), and the emission is masked on every unobserved step. The single latent site ``"z"``
+keeps event shape ``(T, Z)``; its values past a length are drawn but count for nothing. (An
+unobserved step *inside* a length is missing data, not padding: its latent still shapes the
+observed steps after it and keeps its terms.)
 
 Both programs are vectorised over time: one site ``"z"`` with event shape ``(T, Z)`` and one
 observed site ``"x"`` with event shape ``(T, D)`` inside the plate ``"sequences"``, each RNN called
 once on the whole sequence, so an SVI step costs what the networks cost in plain PyTorch.
 
-Features are standardised inside the networks with statistics of the training data
-(:meth:`STORN.set_data_statistics`); the emission is in the data's own units, so likelihoods and
-bounds are those of the data as given.
+Normal emission: features are standardised inside the networks with statistics of the training
+data (:meth:`STORN.set_data_statistics`); the emission is in the data's own units, so likelihoods
+and bounds are those of the data as given. Bernoulli emission: the networks read the 0/1 values
+as they are (a note never played in training has standard deviation 0, and standardising by it
+would blow a held-out 1 up), and the emission is on those values.
 
 >>> storn = STORN(input_dim=4, latent_dim=2, hidden_dim=32, flow="radial", flow_length=4)
 >>> svi = pyro.infer.SVI(storn.model, storn.guide, pyro.optim.Adam({"lr": 1e-3}),
 ...                      pyro.infer.Trace_ELBO())                        # doctest: +SKIP
+>>> music = STORN(88, 32, 128, emission="bernoulli", encoder="backward")
 
 References:
 [1] Justin Bayer, Christian Osendorfer. Learning Stochastic Recurrent Networks. arXiv:1411.7610
-[2] Danilo J. Rezende, Shakir Mohamed. Variational Inference with Normalizing Flows.
+[2] Rahul G. Krishnan, Uri Shalit, David Sontag. Structured Inference Networks for Nonlinear
+    State Space Models. AAAI 2017. arXiv:1609.09869
+[3] Marco Fraccaro, Søren Kaae Sønderby, Ulrich Paquet, Ole Winther. Sequential Neural Models
+    with Stochastic Layers. NIPS 2016. arXiv:1605.07571
+[4] Nicolas Boulanger-Lewandowski, Yoshua Bengio, Pascal Vincent. Modeling Temporal Dependencies
+    in High-Dimensional Sequences: Application to Polyphonic Music Generation and Transcription.
+    ICML 2012. arXiv:1206.6392
+[5] Danilo J. Rezende, Shakir Mohamed. Variational Inference with Normalizing Flows.
     arXiv:1505.05770
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pyro
@@ -41,13 +74,17 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro import poutine
+from pyro.distributions.conditional import ConditionalTransform, ConstantConditionalTransform
 from torch import nn
+from torch.distributions import Transform
 
 import transforms
 
-__all__ = ["STORN", "RNN_TYPES"]
+__all__ = ["STORN", "RNN_TYPES", "EMISSIONS", "ENCODERS", "within_length", "reverse_within_length"]
 
 RNN_TYPES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
+EMISSIONS = ("normal", "bernoulli")
+ENCODERS = ("forward", "backward", "bidirectional")
 
 # Scales are softplus(raw) + floor. The pendulum's cos/sin features are exact functions of the
 # state, so without a floor the emission scale (and the likelihood) could diverge; 1e-3 of a
@@ -64,14 +101,60 @@ def _flatten_leading(tensor: torch.Tensor, event_dims: int) -> tuple[torch.Tenso
     return tensor.reshape((-1,) + tensor.shape[tensor.dim() - event_dims :]), leading
 
 
+def within_length(mask: torch.Tensor) -> torch.Tensor:
+    """The steps of each sequence up to its last observed one, for ``mask`` (..., T) bool:
+    what is left is padding."""
+    return mask.flip(-1).cumsum(-1).flip(-1) > 0
+
+
+def reverse_within_length(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``values`` (B, T, F) with steps ``0 .. lengths[b] - 1`` of each sequence in reverse order
+    and the padding after them left in place (an involution: applying it twice is the identity)."""
+    steps = torch.arange(values.shape[1], device=values.device)
+    lengths = lengths.to(values.device)[:, None]
+    index = torch.where(steps < lengths, lengths - 1 - steps, steps)
+    return values.gather(1, index[..., None].expand_as(values))
+
+
+class _StepMasked(Transform):
+    """A per-step (event dim 1) flow layer acting on sequences (..., T, Z) whose log-det counts
+    only the steps of ``mask`` (..., T): a padded step's term is exactly 0, its gradient too."""
+
+    def __init__(self, layer: Transform, mask: torch.Tensor) -> None:
+        super().__init__(cache_size=1)
+        self.layer, self.mask = layer, mask
+        self.domain, self.codomain = layer.domain, layer.codomain
+        self.bijective = layer.bijective
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return self.layer.inv(y)
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.mask, self.layer.log_abs_det_jacobian(x, y), 0.0)
+
+
+def _takes_mask(method: Any) -> bool:
+    try:
+        return "mask" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class STORN(nn.Module):
     """STORN with an optional flow posterior; see the module docstring.
 
-    :param input_dim: features per step ``D``.
+    :param input_dim: features per step ``D`` (88 for piano rolls).
     :param latent_dim: latent dims per step ``Z``.
-    :param hidden_dim: state size of both RNNs (and the flow's context size).
+    :param hidden_dim: state size of every RNN. The flow's context is the encoder state: of size
+        ``hidden_dim``, or ``2 * hidden_dim`` for the bidirectional encoder.
     :param flow: a name from :func:`transforms.available`, or ``None`` / ``"none"``.
     :param flow_length: layers of that flow (``K``); 0 means no flow.
+    :param emission: ``"normal"`` (real features) or ``"bernoulli"`` (0/1 features, a logits
+        head; refuses other values).
+    :param encoder: ``"forward"`` (STORN's), ``"backward"`` or ``"bidirectional"``.
     :param condition_flow: condition the flow on the encoder state when it supports it.
     :param rnn: ``"gru"``, ``"lstm"`` or ``"rnn"``.
     :param kl_weight: factor on the latent site's log-densities (KL annealing sets it per epoch).
@@ -86,6 +169,8 @@ class STORN(nn.Module):
         flow: str | None = None,
         flow_length: int = 0,
         *,
+        emission: str = "normal",
+        encoder: str = "forward",
         condition_flow: bool = True,
         rnn: str = "gru",
         kl_weight: float = 1.0,
@@ -100,44 +185,63 @@ class STORN(nn.Module):
             raise ValueError(f"flow_length must be a non-negative int, got {flow_length!r}")
         if rnn not in RNN_TYPES:
             raise ValueError(f"unknown rnn {rnn!r}; valid choices: {', '.join(RNN_TYPES)}")
+        if emission not in EMISSIONS:
+            raise ValueError(f"unknown emission {emission!r}; valid choices: {', '.join(EMISSIONS)}")
+        if encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {encoder!r}; valid choices: {', '.join(ENCODERS)}")
         flow = None if flow in (None, "none") else flow
         if flow is not None and flow_length == 0:
             raise ValueError(f"flow {flow!r} needs flow_length >= 1")
         self.input_dim, self.latent_dim, self.hidden_dim = input_dim, latent_dim, hidden_dim
         self.flow_name, self.flow_length = flow, flow_length if flow is not None else 0
+        self.emission_type, self.encoder_type, self.rnn_type = emission, encoder, rnn
         self.kl_weight = float(kl_weight)
         self._condition_flow, self._flow_kwargs = condition_flow, dict(flow_kwargs or {})
 
         rnn_type = RNN_TYPES[rnn]
-        self.encoder_rnn = rnn_type(input_dim, hidden_dim, batch_first=True)
-        self.posterior_head = nn.Linear(hidden_dim, 2 * latent_dim)
+        # Forward encoder keeps its name from before the other encoders: checkpoints and warm
+        # starts of forward runs read the same parameters.
+        self.encoder_rnn = (rnn_type(input_dim, hidden_dim, batch_first=True)
+                            if encoder in ("forward", "bidirectional") else None)
+        self.encoder_rnn_backward = (rnn_type(input_dim, hidden_dim, batch_first=True)
+                                     if encoder in ("backward", "bidirectional") else None)
+        self.encoder_state_dim = hidden_dim * (2 if encoder == "bidirectional" else 1)
+        self.posterior_head = nn.Linear(self.encoder_state_dim, 2 * latent_dim)
         self.decoder_rnn = rnn_type(input_dim + latent_dim, hidden_dim, batch_first=True)
-        self.emission_head = nn.Linear(hidden_dim, 2 * input_dim)
+        emission_params = 2 * input_dim if emission == "normal" else input_dim
+        self.emission_head = nn.Linear(hidden_dim, emission_params)
         self.register_buffer("data_loc", torch.zeros(input_dim))
         self.register_buffer("data_scale", torch.ones(input_dim))
 
         self.flow_conditional = False
+        self.flow_event_dim = 1
         self.flow: nn.Module | None = None
         if flow is not None:
             entry = transforms.info(flow)
             self.flow_conditional = bool(condition_flow and entry.conditional)
+            self.flow_event_dim = entry.event_dim
             self.flow = transforms.flow(
                 flow, latent_dim, flow_length,
-                context_dim=hidden_dim if self.flow_conditional else None,
+                context_dim=self.encoder_state_dim if self.flow_conditional else None,
                 **(flow_kwargs or {}),
             )
 
     def extra_repr(self) -> str:
         flow = f"{self.flow_name} x{self.flow_length}" if self.flow_name else "none"
         return (f"input_dim={self.input_dim}, latent_dim={self.latent_dim}, "
-                f"hidden_dim={self.hidden_dim}, flow={flow}, conditional={self.flow_conditional}")
+                f"hidden_dim={self.hidden_dim}, flow={flow}, conditional={self.flow_conditional}, "
+                f"emission={self.emission_type}, encoder={self.encoder_type}")
 
     # ---- data handling -------------------------------------------------------------------------
 
     @torch.no_grad()
     def set_data_statistics(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Standardise features by the mean and std of the observed steps of ``x`` (N, T, D)."""
+        """Normal emission: standardise features by the mean and std of the observed steps of
+        ``x`` (N, T, D). Bernoulli: check that ``x`` is 0/1 and keep the identity."""
         x, mask = x.to(self.data_loc), self._mask(x, mask)
+        if self.emission_type == "bernoulli":
+            self._check_binary(x, mask)
+            return
         observed = x[mask.to(x.device)]
         self.data_loc.copy_(observed.mean(0))
         self.data_scale.copy_(observed.std(0).clamp_min(MIN_DATA_SCALE)
@@ -149,13 +253,28 @@ class STORN(nn.Module):
             return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
         return mask.to(device=x.device, dtype=torch.bool)
 
+    @staticmethod
+    def _within(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Steps within each sequence's length, or None when nothing is padded by declaration."""
+        return None if mask is None else within_length(mask.to(device=x.device, dtype=torch.bool))
+
+    def _check_binary(self, x: torch.Tensor, mask: torch.Tensor) -> None:
+        bad = (x != 0) & (x != 1) & mask[..., None]
+        if bool(bad.any()):
+            index = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"emission='bernoulli' models 0/1 data; x{list(index)} (sequence, step, feature) "
+                f"= {float(x[index])!r} in an observed step, x of shape {tuple(x.shape)}"
+            )
+
     def _standardize(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # Unobserved steps (padding) are set to 0 so that their values, NaN included, reach
         # neither network nor gradient.
         return torch.where(mask[..., None], (x - self.data_loc) / self.data_scale, 0.0)
 
     def clean(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` with unobserved steps replaced by the data mean (a finite observation value)."""
+        """``x`` with unobserved steps replaced by the data mean (a finite observation value;
+        0 for the Bernoulli emission)."""
         return torch.where(self._mask(x, mask)[..., None], x, self.data_loc)
 
     # ---- networks ------------------------------------------------------------------------------
@@ -163,10 +282,20 @@ class STORN(nn.Module):
     def encode(
         self, x: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-step ``(μ_t, σ_t, h_t)`` of the recognition RNN for ``x`` (..., T, D)."""
-        x_std = self._standardize(x, self._mask(x, mask))
+        """Per-step ``(μ_t, σ_t, h_t)`` of the encoder for ``x`` (..., T, D); ``h_t`` has
+        :attr:`encoder_state_dim` features. The backward RNN reads each sequence reversed
+        within its length."""
+        step_mask = self._mask(x, mask).expand(x.shape[:-1])
+        x_std = self._standardize(x, step_mask)
         flat, leading = _flatten_leading(x_std, 2)
-        state, _ = self.encoder_rnn(flat)
+        states = []
+        if self.encoder_rnn is not None:
+            states.append(self.encoder_rnn(flat)[0])
+        if self.encoder_rnn_backward is not None:
+            lengths = within_length(step_mask).reshape(-1, x.shape[-2]).sum(-1)
+            reversed_state, _ = self.encoder_rnn_backward(reverse_within_length(flat, lengths))
+            states.append(reverse_within_length(reversed_state, lengths))
+        state = states[0] if len(states) == 1 else torch.cat(states, dim=-1)
         loc, raw_scale = self.posterior_head(state).chunk(2, dim=-1)
         scale = F.softplus(raw_scale) + MIN_POSTERIOR_SCALE
         loc, scale, state = (t.reshape(leading + t.shape[1:]) for t in (loc, scale, state))
@@ -174,9 +303,10 @@ class STORN(nn.Module):
 
     def decode(
         self, x: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Emission ``(loc, scale)`` in data units for every step, teacher-forced on ``x``;
-        ``z`` (..., T, Z) may carry more leading dims than ``x`` (samples, particles)."""
+    ) -> tuple[torch.Tensor, ...]:
+        """Emission parameters for every step, teacher-forced on ``x``: ``(loc, scale)`` in data
+        units (normal) or ``(logits,)`` (Bernoulli). ``z`` (..., T, Z) may carry more leading
+        dims than ``x`` (samples, particles)."""
         x_std = self._standardize(x, self._mask(x, mask))
         x_prev = F.pad(x_std[..., :-1, :], (0, 0, 1, 0))
         leading = torch.broadcast_shapes(x_prev.shape[:-2], z.shape[:-2])
@@ -184,37 +314,92 @@ class STORN(nn.Module):
         z = z.expand(leading + z.shape[-2:])
         flat, _ = _flatten_leading(torch.cat([x_prev, z], dim=-1), 2)
         state, _ = self.decoder_rnn(flat)
-        loc, scale = self._emission_params(state)
-        return loc.reshape(leading + loc.shape[1:]), scale.reshape(leading + scale.shape[1:])
+        return tuple(p.reshape(leading + p.shape[1:]) for p in self._emission_params(state))
 
-    def _emission_params(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _emission_params(self, state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.emission_type == "bernoulli":
+            return (self.emission_head(state),)
         loc_std, raw_scale = self.emission_head(state).chunk(2, dim=-1)
         scale_std = F.softplus(raw_scale) + MIN_EMISSION_SCALE
         return self.data_loc + self.data_scale * loc_std, self.data_scale * scale_std
 
+    def _emission_distribution(self, params: tuple[torch.Tensor, ...]) -> dist.Distribution:
+        if self.emission_type == "bernoulli":
+            return dist.Bernoulli(logits=params[0])
+        return dist.Normal(*params)
+
     # ---- distributions -------------------------------------------------------------------------
 
-    def prior(self, batch_shape: torch.Size | tuple[int, ...], n_steps: int) -> dist.Distribution:
-        """:math:`\\mathcal N(0, I)` over ``z`` with event shape ``(T, Z)``."""
+    def prior(
+        self,
+        batch_shape: torch.Size | tuple[int, ...],
+        n_steps: int,
+        mask: torch.Tensor | None = None,
+    ) -> dist.Distribution:
+        """:math:`\\mathcal N(0, I)` over ``z`` with event shape ``(T, Z)``; with ``mask``
+        (batch, T), steps past each sequence's last observed step count for nothing."""
         zeros = self.data_loc.new_zeros(tuple(batch_shape) + (n_steps, self.latent_dim))
-        return dist.Normal(zeros, 1.0).to_event(2)
+        prior = dist.Normal(zeros, 1.0)
+        if mask is not None:
+            prior = prior.mask(self._within(zeros, mask)[..., None])
+        return prior.to_event(2)
 
     def posterior(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dist.Distribution:
-        """:math:`q(z \\mid x)` with event shape ``(T, Z)``: ``q0`` pushed through the flow."""
+        """:math:`q(z \\mid x)` with event shape ``(T, Z)``: ``q0`` pushed through the flow;
+        with ``mask``, steps past each sequence's length count for nothing."""
         loc, scale, state = self.encode(x, mask)
-        base = dist.Normal(loc, scale).to_event(2)
+        within = self._within(x, mask)
+        base = dist.Normal(loc, scale)
+        if within is not None:
+            base = base.mask(within[..., None])
+        base = base.to_event(2)
         if self.flow is None:
             return base
-        flow = self.flow.condition(state) if self.flow_conditional else self.flow
-        return dist.TransformedDistribution(base, [flow])
+        return dist.TransformedDistribution(base, self._flow_layers(state, within))
+
+    def _flow_layers(self, state: torch.Tensor, within: torch.Tensor | None) -> list[Transform]:
+        """The flow's layers for encoder state ``state`` (..., T, C), each restricted to the
+        steps ``within`` the sequences' lengths (None: all)."""
+        parts = self.flow.transforms if self.flow_conditional else self.flow.parts
+        layers = []
+        for part in parts:
+            if isinstance(part, ConstantConditionalTransform):
+                part = part.transform
+            conditional = isinstance(part, ConditionalTransform)
+            if self.flow_event_dim == 2:
+                layers.append(self._sequence_layer(part, state, within, conditional))
+                continue
+            layer = part.condition(state) if conditional else part
+            layers.append(layer if within is None else _StepMasked(layer, within))
+        return layers
+
+    def _sequence_layer(
+        self, part: Any, state: torch.Tensor, within: torch.Tensor | None, conditional: bool
+    ) -> Transform:
+        """A flow over time restricted to each sequence's length: it must take the step mask,
+        or padded steps would reach observed ones through it."""
+        if within is None:
+            return part.condition(state) if conditional else part
+        if conditional and _takes_mask(part.condition):
+            return part.condition(state, mask=within)
+        if not conditional and hasattr(part, "with_mask"):
+            return part.with_mask(within)
+        raise ValueError(
+            f"flow layer {type(part).__name__} acts on whole sequences but takes no step mask "
+            f"({'condition(context, mask=...)' if conditional else 'with_mask(mask)'}), so "
+            "padding would reach observed steps; pass mask=None for unpadded sequences"
+        )
 
     def emission(
         self, x: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None
     ) -> dist.Distribution:
-        """:math:`p(x \\mid z)` with event shape ``(T, D)``, unobserved steps masked out."""
-        loc, scale = self.decode(x, z, mask)
-        step_mask = self._mask(x, mask)[..., None]
-        return dist.Normal(loc, scale).mask(step_mask).to_event(2)
+        """:math:`p(x \\mid z)` with event shape ``(T, D)``, unobserved steps masked out; the
+        Bernoulli emission refuses observed values other than 0 and 1."""
+        step_mask = self._mask(x, mask)
+        if self.emission_type == "bernoulli":
+            self._check_binary(x, step_mask)
+        params = self.decode(x, z, mask)
+        return self._emission_distribution(params).mask(step_mask[..., None]).to_event(2)
 
     # ---- Pyro programs -------------------------------------------------------------------------
 
@@ -227,11 +412,11 @@ class STORN(nn.Module):
         n_sequences, n_steps = x.shape[-3], x.shape[-2]
         with pyro.plate("sequences", n_sequences, dim=-1):
             with self._latent_scale():
-                z = pyro.sample("z", self.prior((n_sequences,), n_steps))
+                z = pyro.sample("z", self.prior((n_sequences,), n_steps, mask))
             return pyro.sample("x", self.emission(x, z, mask), obs=self.clean(x, mask))
 
     def guide(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Recognition RNN, ``q0`` and the flow on ``"z"`` (event shape (T, Z))."""
+        """Encoder, ``q0`` and the flow on ``"z"`` (event shape (T, Z))."""
         pyro.module("storn", self)
         with pyro.plate("sequences", x.shape[-3], dim=-1):
             with self._latent_scale():
@@ -248,8 +433,9 @@ class STORN(nn.Module):
         sample_observations: bool = True,
     ) -> torch.Tensor:
         """The "generating mode": observe ``x_prefix`` (B, k, D) (or (k, D)), then roll the
-        decoder forward with ``z_t`` from the prior and ``x_t`` sampled (or its mean when
-        ``sample_observations=False``) up to ``n_steps`` in all.
+        decoder forward with ``z_t`` from the prior and ``x_t`` sampled (or, with
+        ``sample_observations=False``, its mean: the Normal's location, the Bernoulli's
+        probabilities) up to ``n_steps`` in all. A Bernoulli STORN thus samples piano rolls.
 
         Returns ``(num_samples, B, n_steps, D)`` (no B for a 2-D prefix) whose first ``k`` steps
         are the prefix itself. The prefix's latents are drawn from the prior too: they only set
@@ -269,6 +455,8 @@ class STORN(nn.Module):
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         x_prefix = x_prefix.to(self.data_loc)
+        if self.emission_type == "bernoulli":
+            self._check_binary(x_prefix, self._mask(x_prefix, None))
         batch = num_samples * x_prefix.shape[0]
         prefix = x_prefix.repeat(num_samples, 1, 1)
         prefix_std = (prefix - self.data_loc) / self.data_scale
@@ -279,12 +467,34 @@ class STORN(nn.Module):
         x_last = prefix_std[:, -1]
         for t in range(n_prefix, n_steps):
             state, hidden = self.decoder_rnn(torch.cat([x_last, z[:, t]], dim=-1)[:, None], hidden)
-            loc, scale = self._emission_params(state[:, 0])
-            x_t = loc + scale * torch.randn_like(loc) if sample_observations else loc
+            x_t = self._draw(self._emission_params(state[:, 0]), sample_observations)
             steps.append(x_t[:, None])
             x_last = (x_t - self.data_loc) / self.data_scale
         out = torch.cat(steps, dim=1).reshape(num_samples, -1, n_steps, self.input_dim)
         return out[:, 0] if squeeze else out
+
+    def _draw(self, params: tuple[torch.Tensor, ...], sample: bool) -> torch.Tensor:
+        if self.emission_type == "bernoulli":
+            probs = torch.sigmoid(params[0])
+            return torch.bernoulli(probs) if sample else probs
+        loc, scale = params
+        return loc + scale * torch.randn_like(loc) if sample else loc
+
+    @torch.no_grad()
+    def step_probabilities(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, num_samples: int = 1
+    ) -> torch.Tensor:
+        r"""The model's per-note probabilities on real sequences, :math:`p(x_{t,d} = 1 \mid
+        x_{<t}, z_{\le t})` with :math:`z \sim q(z \mid x)`, averaged over ``num_samples``
+        posterior draws: ``(N, T, D)``, 0 on unobserved steps. Bernoulli emission only."""
+        if self.emission_type != "bernoulli":
+            raise ValueError("step_probabilities needs emission='bernoulli'")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        z = self.posterior(x, mask).sample((num_samples,))
+        (logits,) = self.decode(x, z, mask)
+        probs = torch.sigmoid(logits).mean(0)
+        return torch.where(self._mask(x, mask)[..., None], probs, 0.0)
 
     def reconstruct(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, num_samples: int = 10
@@ -303,7 +513,7 @@ class STORN(nn.Module):
         return {
             "input_dim": self.input_dim, "latent_dim": self.latent_dim,
             "hidden_dim": self.hidden_dim, "flow": self.flow_name, "flow_length": self.flow_length,
-            "condition_flow": self._condition_flow,
-            "rnn": type(self.encoder_rnn).__name__.lower(), "kl_weight": self.kl_weight,
-            "flow_kwargs": self._flow_kwargs,
+            "emission": self.emission_type, "encoder": self.encoder_type,
+            "condition_flow": self._condition_flow, "rnn": self.rnn_type,
+            "kl_weight": self.kl_weight, "flow_kwargs": self._flow_kwargs,
         }
