@@ -64,6 +64,7 @@ __all__ = [
     "fit",
     "read_metrics",
     "shard",
+    "train_step",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -264,6 +265,19 @@ def _optimizer_state(state: dict[str, Any], module: nn.Module,
     result = optimizer.state_dict()
     result["state"] = converted
     return result
+
+
+def train_step(objective: nn.Module, batch: Sequence[torch.Tensor], adam: torch.optim.Optimizer,
+               parameters: list[nn.Parameter], clip_norm: float | None) -> torch.Tensor:
+    """One step of :func:`fit`: the batch's loss per example, its gradient, the global-norm clip
+    and the optimiser step; returns the loss (a detached device tensor, no host sync)."""
+    loss = objective(*batch) / len(batch[0])
+    loss.backward()
+    if clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(parameters, clip_norm)
+    adam.step()
+    adam.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def fit(
@@ -487,19 +501,14 @@ def fit(
                     group["lr"] = optimizer.rate(step, train_seconds)
                 step_started = time.perf_counter()
                 try:
-                    loss = step_objective(*batch) / len(index)
+                    losses[b] = train_step(step_objective, batch, adam, parameters,
+                                           optimizer.clip_norm)
                 except ValueError as error:
                     # NaN parameters surface as distribution-argument errors one step later.
                     if finite_module(module):
                         raise
                     check(losses, epoch, first, b)
                     raise NonFiniteLossError(epoch + 1, b + 1, float("nan"), last_good) from error
-                loss.backward()
-                if optimizer.clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(parameters, optimizer.clip_norm)
-                adam.step()
-                adam.zero_grad(set_to_none=True)
-                losses[b] = loss.detach()
                 step += 1
                 train_seconds += time.perf_counter() - step_started
                 done = b + 1

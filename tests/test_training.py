@@ -273,3 +273,26 @@ def test_metrics_lines_are_json_and_truncated_on_resume(tmp_path):
     result = train(data, tmp_path / "run", _config(epochs=4), resume=True, progress=False)
     assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
     assert result.history[-1]["train_loss"] != -1.0
+
+
+def test_a_run_checkpointed_by_the_replaced_pyro_optimiser_loop_resumes(tmp_path):
+    """Checkpoints of the first format with a Pyro optimiser state ({param store name: that
+    parameter's Adam state}) resume: the state is matched to the parameters by name."""
+    data = _data()
+    full = train(data, tmp_path / "full", _config(epochs=3), progress=False)
+    part = tmp_path / "part"
+    train(data, part, _config(epochs=2), progress=False)
+    state = load_checkpoint(part / CHECKPOINT_NAME)
+    names = [name for name, _ in STORN(D, 2, 6).named_parameters()]
+    adam = state.pop("optim")
+    state.pop("optimizer")
+    state["optim"] = {f"storn$$${name}": {"state": {0: adam["state"][i]},
+                                          "param_groups": adam["param_groups"]}
+                      for i, name in enumerate(names)}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    for path in (part / CHECKPOINT_NAME, previous_path(part / CHECKPOINT_NAME)):
+        path.write_bytes(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    resumed = train(data, part, _config(epochs=3), resume=True, progress=False)
+    assert _losses(resumed.history) == _losses(full.history)
