@@ -1,6 +1,7 @@
 """Figures of STORN runs (matplotlib, Agg backend): loss curves smoothed with a Savitzky-Golay
-filter as in the thesis, the flow's terms over training (thesis Fig. 6.4), and generated against
-actual signals (thesis Fig. 6.5)."""
+filter as in the thesis, the flow's terms over training (thesis Fig. 6.4), generated against
+actual signals (thesis Fig. 6.5), and piano rolls (real, generated, the model's per-note
+probabilities) for polyphonic music."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from scipy.signal import savgol_filter  # noqa: E402
 
 __all__ = [
     "smooth", "plot_losses", "plot_flow_terms", "plot_every_seed", "plot_generation",
-    "plot_khat_per_sequence",
+    "plot_khat_per_sequence", "plot_piano_roll",
 ]
 
 # Savitzky-Golay: a quadratic over about a fifth of the curve, at least 5 points.
@@ -170,4 +171,60 @@ def plot_khat_per_sequence(
     plot_khat(np.asarray(khats, dtype=float), item_name="test sequence", ax=ax)
     if title:
         ax.set_title(f"{title}: {ax.get_title()}", fontsize=9)
+    return _save(fig, path)
+
+
+# Piano rolls: MIDI number of column 0 (the piano's lowest key), and the keys shown around the
+# notes that sound anywhere in the figure.
+_LOWEST_NOTE = 21
+_NOTE_MARGIN = 2
+
+
+def plot_piano_roll(
+    real: np.ndarray,
+    generated: np.ndarray,
+    probabilities: np.ndarray,
+    path: str | os.PathLike,
+    n_prefix: int = 0,
+    title: str = "",
+    lowest_note: int = _LOWEST_NOTE,
+) -> Path:
+    """Piano rolls, time across and MIDI note up: a real sequence ``real`` (T, D) of 0/1, the
+    model's per-note probabilities on it ``probabilities`` (T, D) (e.g.
+    :meth:`~pyro_storn.STORN.step_probabilities`), and generated sequences ``generated``
+    (S, T', D) (e.g. :meth:`~pyro_storn.STORN.generate` from the first ``n_prefix`` real
+    frames, marked by a line). Only the range of keys that sound somewhere is drawn; column
+    ``d`` is MIDI note ``lowest_note + d``."""
+    real, probabilities = np.asarray(real, dtype=float), np.asarray(probabilities, dtype=float)
+    generated = np.asarray(generated, dtype=float)
+    if generated.ndim == 2:
+        generated = generated[None]
+    if real.ndim != 2 or probabilities.shape != real.shape:
+        raise ValueError(f"real (T, D) and probabilities (T, D) must match, got shapes "
+                         f"{real.shape} and {probabilities.shape}")
+    if generated.ndim != 3 or generated.shape[-1] != real.shape[-1]:
+        raise ValueError(f"generated must be (S, T, {real.shape[-1]}), got shape {generated.shape}")
+    sounding = np.flatnonzero((real > 0).any(0) | (generated > 0).any((0, 1))
+                              | (probabilities > 0.05).any(0))
+    low, high = ((sounding.min(), sounding.max()) if sounding.size else (0, real.shape[-1] - 1))
+    low, high = max(low - _NOTE_MARGIN, 0), min(high + _NOTE_MARGIN, real.shape[-1] - 1)
+    keys = slice(low, high + 1)
+    panels = [("real", real, "Greys", False),
+              ("model's p(note on | past, z ~ q)", probabilities, "viridis", False)]
+    panels += [(f"generated {s + 1}", roll, "Greys", True) for s, roll in enumerate(generated)]
+    width = max(6.0, 0.06 * max(real.shape[0], generated.shape[1]))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, 2.0 * len(panels)), squeeze=False)
+    for ax, (name, roll, cmap, is_generated) in zip(axes[:, 0], panels):
+        extent = (-0.5, roll.shape[0] - 0.5, lowest_note + low - 0.5, lowest_note + high + 0.5)
+        image = ax.imshow(roll[:, keys].T, origin="lower", aspect="auto", cmap=cmap, vmin=0,
+                          vmax=1, interpolation="nearest", extent=extent)
+        if is_generated and n_prefix > 0:  # the frames before the line are the real prefix
+            ax.axvline(n_prefix - 0.5, color="tab:red", linewidth=1)
+        if cmap == "viridis":
+            fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01)
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel("MIDI note")
+    axes[-1, 0].set_xlabel("frame")
+    if title:
+        fig.suptitle(title)
     return _save(fig, path)
