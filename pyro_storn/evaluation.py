@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import bounds
 from .flow_terms import FlowTerms, flow_terms
 from .storn import STORN
 
@@ -85,7 +86,8 @@ def evaluate_bounds(
     """-ELBO and -IWAE (``num_samples`` samples) per sequence and per time step.
 
     Returns per-sequence arrays (``neg_elbo``, ``neg_iwae``, ``n_steps``) and their summaries
-    (``*_mean``, ``*_sd`` per sequence; ``*_per_step`` pooled over observed steps).
+    (``*_mean``, ``*_sd``, ``*_se`` per sequence; ``*_per_step`` pooled over observed steps),
+    through :mod:`pyro_storn.bounds`.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -93,13 +95,17 @@ def evaluate_bounds(
     size = max(1, _ROWS_PER_CHUNK // num_samples)
     elbo, iwae, steps = [], [], []
     for xb, mb in _batches(x, mask, size, device):
-        terms, log_lik = sample_terms(storn, xb, mb, num_samples)
-        log_w = (log_lik + terms.log_prior - terms.log_qK).double()
-        elbo.append(log_w.mean(0).cpu())
-        iwae.append((torch.logsumexp(log_w, 0) - math.log(num_samples)).cpu())
+        def draw(count: int) -> torch.Tensor:
+            terms, log_lik = sample_terms(storn, xb, mb, count)
+            return log_lik + terms.log_prior - terms.log_qK
+
+        per_sequence = bounds.log_weight_bounds(
+            draw, num_samples, bounds.samples_per_chunk(xb.shape[0], num_samples, _ROWS_PER_CHUNK))
+        elbo.append(per_sequence["neg_elbo"].cpu())
+        iwae.append(per_sequence["neg_iwae"].cpu())
         steps.append(torch.full((xb.shape[0],), xb.shape[1]) if mb is None else mb.sum(-1).cpu())
-    neg_elbo = -torch.cat(elbo).numpy()
-    neg_iwae = -torch.cat(iwae).numpy()
+    neg_elbo = torch.cat(elbo).numpy()
+    neg_iwae = torch.cat(iwae).numpy()
     n_steps = torch.cat(steps).numpy().astype(np.int64)
     return bounds_summary(neg_elbo, neg_iwae, n_steps, num_samples)
 
@@ -107,18 +113,7 @@ def evaluate_bounds(
 def bounds_summary(
     neg_elbo: np.ndarray, neg_iwae: np.ndarray, n_steps: np.ndarray, num_samples: int
 ) -> dict[str, Any]:
-    """Per-sequence -ELBO and -IWAE with their means, sds and per-step values (observed steps)."""
-    total_steps = int(n_steps.sum())
-    return {
-        "num_samples": num_samples,
-        "n_sequences": int(neg_elbo.shape[0]),
-        "neg_elbo": neg_elbo,
-        "neg_iwae": neg_iwae,
-        "n_steps": n_steps,
-        "neg_elbo_mean": float(neg_elbo.mean()),
-        "neg_elbo_sd": float(neg_elbo.std()),
-        "neg_iwae_mean": float(neg_iwae.mean()),
-        "neg_iwae_sd": float(neg_iwae.std()),
-        "neg_elbo_per_step": float(neg_elbo.sum() / total_steps),
-        "neg_iwae_per_step": float(neg_iwae.sum() / total_steps),
-    }
+    """Per-sequence -ELBO and -IWAE with their means, sds, standard errors and per-step values
+    (observed steps): :func:`pyro_storn.bounds.summarize` per sequence and per frame."""
+    return bounds.summarize(neg_elbo, neg_iwae, num_samples, count_name="n_sequences",
+                            n_frames=n_steps)

