@@ -9,6 +9,7 @@ the examples call too.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -60,6 +61,23 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _bounded_float(low: float, high: float, closed_high: bool, what: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (low <= value and (value <= high if closed_high else value < high)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+_non_negative_float = _bounded_float(0.0, math.inf, False, "a non-negative number")
+_decay = _bounded_float(math.ulp(0.0), 1.0, True, "a number in (0, 1]")
+_beta = _bounded_float(0.0, 1.0, False, "a number in [0, 1)")
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -105,12 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     import transforms
 
     from .runs import FLOW_STARTS
+    from .storn import EMISSIONS, ENCODERS
 
     flows = ["none"] + transforms.available()
     p = sub.add_parser("train", help="train STORN (optionally with a flow guide)",
                        description="Train STORN by SVI; writes config.json, metrics.jsonl and "
                        "checkpoints into the run directory.")
-    p.add_argument("--data", required=True, help=".npz with x (N, T, D) [, mask, x_test]")
+    p.add_argument("--data", required=True,
+                   help=".npz with x (N, T, D) [, mask, x_test], or a polyphonic pickle in Pyro's "
+                   "format (e.g. jsb_chorales.pickle: its train / valid / test splits are used "
+                   "as they are, valid for best.pt; read safely, never a plain pickle.load)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--flow", default="none", help=f"flow guide: {', '.join(flows)}")
     p.add_argument("--flow-length", type=_non_negative_int, default=None,
@@ -124,7 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--num-particles", type=_positive_int, default=1)
     p.add_argument("--clip-norm", type=_positive_float, default=10.0,
-                   help="gradient-norm clipping (per parameter tensor)")
+                   help="clip the gradient of all parameters together to this norm")
+    p.add_argument("--emission", choices=EMISSIONS, default="normal",
+                   help="p(x_t | ...): 'normal' for real-valued data, 'bernoulli' for 0/1 data "
+                   "such as piano rolls (refuses other values)")
+    p.add_argument("--encoder", choices=ENCODERS, default="forward",
+                   help="what q(z_t | ...) sees: 'forward' x_1:t (STORN's), 'backward' x_t:T "
+                   "(as in DMM and SRNN), 'bidirectional' both")
+    p.add_argument("--weight-decay", type=_non_negative_float, default=0.0,
+                   help="L2 penalty added to the gradient by Adam (Pyro's DMM example uses 2.0)")
+    p.add_argument("--lr-decay", type=_decay, default=1.0,
+                   help="multiply the learning rate by this per epoch, spread over its steps "
+                   "(default 1: constant)")
+    p.add_argument("--adam-beta1", type=_beta, default=0.9,
+                   help="Adam's first-moment decay (Pyro's DMM example uses 0.96)")
     p.add_argument("--kl-anneal-epochs", type=_non_negative_int, default=0,
                    help="linear KL warm-up over this many epochs (0: none)")
     p.add_argument("--validation-fraction", type=_fraction, default=0.0,
@@ -144,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "permutations between layers cancel (odd for iaf and maf) (default: random, "
                    "each family's own initialisation)")
     p.add_argument("--checkpoint-every", type=_positive_int, default=1, help="epochs")
+    p.add_argument("--metrics-every", type=_positive_int, default=1,
+                   help="score the train / validation / test splits every this many epochs (and "
+                   "after the last); best.pt is chosen among those epochs")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (its stored settings; --epochs is the total)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -227,8 +265,7 @@ def _simulate(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .data.sequences import load_sequences
-    from .runs import CONFIG_NAME, TrainConfig, train
+    from .runs import CONFIG_NAME, TrainConfig, load_training_data, train
     from .training import CHECKPOINT_NAME, NonFiniteLossError
 
     length = args.flow_length if args.flow_length is not None else (0 if args.flow == "none"
@@ -239,10 +276,12 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device, num_particles=args.num_particles,
         clip_norm=args.clip_norm, kl_anneal_epochs=args.kl_anneal_epochs,
         checkpoint_every=args.checkpoint_every, validation_fraction=args.validation_fraction,
-        init_from=args.init_from, flow_start=args.flow_start,
+        init_from=args.init_from, flow_start=args.flow_start, emission=args.emission,
+        encoder=args.encoder, weight_decay=args.weight_decay, lr_decay=args.lr_decay,
+        adam_beta1=args.adam_beta1, metrics_every=args.metrics_every,
     )
     config.validate()
-    data = load_sequences(args.data)
+    data = load_training_data(args.data)
     out = Path(args.out)
     has_checkpoint = (out / CHECKPOINT_NAME).exists() or (out / f"{CHECKPOINT_NAME}.prev").exists()
     if args.resume and not ((out / CONFIG_NAME).exists() and has_checkpoint):

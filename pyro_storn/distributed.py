@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from pyro.distributions import Independent, Normal, TransformedDistribution
+from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.poutine.messenger import Messenger
 from torch import nn
 
@@ -164,12 +165,12 @@ class ExampleNoise(Messenger):
             for transform in fn.transforms:
                 value = transform(value)  # fills each transform's cache, as rsample does
             return value
-        if isinstance(fn, Independent):
+        if isinstance(fn, (Independent, MaskedDistribution)):  # a mask changes no draw
             return self._sample(fn.base_dist)
         if isinstance(fn, Normal):
             eps = self.noise(fn.batch_shape, fn.loc.dtype, fn.loc.device)
             return fn.loc + fn.scale * eps
-        raise ValueError(f"ExampleNoise supports Normal, Independent and TransformedDistribution "
+        raise ValueError(f"ExampleNoise supports Normal, Independent, masked and transformed ones "
                          f"at site {self.site!r}, got {type(fn).__name__}")
 
     def _pyro_sample(self, msg: dict[str, Any]) -> None:

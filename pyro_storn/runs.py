@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -25,12 +26,13 @@ import torch
 import transforms
 
 from .checkpoint import load_checkpoint
+from .data.polyphonic import load_polyphonic
 from .data.sequences import SequenceData, load_sequences
 from .diagnostics import ImportanceDraws, draw_importance_samples, summarize_importance
 from .diagnostics import write_diagnostics
 from .evaluation import bounds_summary, evaluate_bounds, sequence_metrics
 from .distributed import DistributedEnv, ExampleNoise, init_distributed
-from .storn import RNN_TYPES, STORN
+from .storn import ENCODERS, EMISSIONS, RNN_TYPES, STORN
 from .training import BEST_NAME, CHECKPOINT_NAME, FitResult, Optimizer, elbo_module, fit
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "warm_start",
     "load_run",
     "load_run_data",
+    "load_training_data",
     "evaluate_run",
     "diagnose_run",
     "default_particle_batch_size",
@@ -52,6 +55,8 @@ __all__ = [
 ]
 
 CONFIG_NAME = "config.json"
+# The first byte of a pickle of protocol 2 and later: how a polyphonic pickle is told from an npz.
+PICKLE_PROTOCOL_OPCODE = b"\x80"
 EVALUATION_NAME = "evaluation.json"
 GENERATED_NAME = "generated.npz"
 DIAGNOSTICS_DIR = "diagnostics"
@@ -96,11 +101,17 @@ class TrainConfig:
     validation_fraction: float = 0.0
     init_from: str | None = None
     flow_start: str = "random"
+    emission: str = "normal"
+    encoder: str = "forward"
+    weight_decay: float = 0.0
+    lr_decay: float = 1.0
+    adam_beta1: float = 0.9
+    metrics_every: int = 1
 
     def validate(self) -> "TrainConfig":
         """``ValueError`` naming the first bad value; the config itself otherwise."""
         positive = ("latent_dim", "hidden_dim", "epochs", "batch_size", "num_particles",
-                    "checkpoint_every")
+                    "checkpoint_every", "metrics_every")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -125,6 +136,19 @@ class TrainConfig:
                              f"({', '.join(transforms.STARTS_AT_IDENTITY)}), got flow {self.flow!r}")
         if not (isinstance(self.clip_norm, (int, float)) and self.clip_norm > 0):
             raise ValueError(f"clip_norm must be a positive number, got {self.clip_norm!r}")
+        if self.emission not in EMISSIONS:
+            raise ValueError(f"unknown emission {self.emission!r}; valid choices: "
+                             f"{', '.join(EMISSIONS)}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {self.encoder!r}; valid choices: "
+                             f"{', '.join(ENCODERS)}")
+        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < math.inf):
+            raise ValueError(f"weight_decay must be a non-negative number, got "
+                             f"{self.weight_decay!r}")
+        if not (isinstance(self.lr_decay, (int, float)) and 0 < self.lr_decay <= 1):
+            raise ValueError(f"lr_decay must lie in (0, 1], got {self.lr_decay!r}")
+        if not (isinstance(self.adam_beta1, (int, float)) and 0 <= self.adam_beta1 < 1):
+            raise ValueError(f"adam_beta1 must lie in [0, 1), got {self.adam_beta1!r}")
         if self.rnn not in RNN_TYPES:
             raise ValueError(f"unknown rnn {self.rnn!r}; valid choices: {', '.join(RNN_TYPES)}")
         if self.flow != "none":
@@ -153,11 +177,21 @@ def build_storn(input_dim: int, config: TrainConfig) -> STORN:
     storn = STORN(
         input_dim, config.latent_dim, config.hidden_dim,
         flow=None if config.flow == "none" else config.flow, flow_length=config.flow_length,
-        condition_flow=config.condition_flow, rnn=config.rnn,
+        condition_flow=config.condition_flow, rnn=config.rnn, emission=config.emission,
+        encoder=config.encoder,
     )
     if config.flow_start == "identity":
         transforms.start_at_identity(storn.flow)
     return storn
+
+
+def _optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
+    """Adam with the config's rate, decay per epoch (spread over its steps), beta1, weight
+    decay and clip norm."""
+    decay, per_epoch = config.lr_decay, steps_per_epoch
+    return Optimizer(lr=config.lr, betas=(config.adam_beta1, 0.999),
+                     weight_decay=config.weight_decay, clip_norm=config.clip_norm,
+                     lr_factor=None if decay == 1 else lambda step, _: decay ** (step / per_epoch))
 
 
 def _make_loss(config: TrainConfig) -> pyro.infer.ELBO:
@@ -197,7 +231,8 @@ def run_record(
 ) -> dict[str, Any]:
     """What ``config.json`` holds: the config, the model's constructor arguments, and which data
     (path, sha256, sizes; ``n_train`` counts the validation sequences too)."""
-    n_validation = len(validation_split(int(data.x.shape[0]), config.validation_fraction)[1])
+    n_validation = (len(data.x_valid) if data.x_valid is not None else
+                    len(validation_split(int(data.x.shape[0]), config.validation_fraction)[1]))
     return {
         "config": asdict(config),
         "model": storn.config(),
@@ -277,9 +312,15 @@ def train(
         device=torch.device(config.device))
     try:
         x, mask, x_test, mask_test = _tensors(data)
+        if data.x_valid is not None and config.validation_fraction:
+            raise ValueError(f"validation_fraction={config.validation_fraction}: the data have "
+                             "a validation split of their own; use it (validation_fraction 0)")
         fit_index, validation_index = validation_split(x.shape[0], config.validation_fraction)
         x_validation, mask_validation = x[validation_index], mask[validation_index]
         x, mask = x[fit_index], mask[fit_index]
+        if data.x_valid is not None:
+            x_validation = torch.from_numpy(data.x_valid)
+            mask_validation = torch.from_numpy(data.mask_valid)
         pyro.set_rng_seed(config.seed)  # the same initial parameters on every rank
         storn = build_storn(data.input_dim, config)
         storn.set_data_statistics(x, mask)
@@ -323,12 +364,14 @@ def train(
         return fit(
             elbo_module(_make_loss(config), storn, noise=noise), storn, (x, mask),
             epochs=config.epochs, batch_size=config.batch_size, run_dir=run_dir,
-            optimizer=Optimizer(lr=config.lr, clip_norm=config.clip_norm), seed=config.seed,
+            optimizer=_optimizer(config, math.ceil(len(x) / config.batch_size)),
+            seed=config.seed,
             env=env, epoch_metrics=epoch_metrics, before_epoch=before_epoch,
             before_step=None if noise is None else noise.set_batch,
-            checkpoint_every=config.checkpoint_every, resume=resume, progress=progress,
+            checkpoint_every=config.checkpoint_every, metrics_every=config.metrics_every,
+            resume=resume, progress=progress,
             log_every=log_every, extra_state={"model": storn.config()},
-            keep_best=VALIDATION_METRIC if len(validation_index) else None,
+            keep_best=VALIDATION_METRIC if len(x_validation) else None,
         )
     finally:
         env.close()
@@ -377,6 +420,16 @@ def load_run_data(record: dict[str, Any]) -> SequenceData:
         raise ValueError(f"the run's data file {path!r} is gone; cannot evaluate")
     if _sha256(Path(path)) != record["data"]["sha256"]:
         raise ValueError(f"the run's data file {path!r} changed since training (sha256 differs)")
+    return load_training_data(path)
+
+
+def load_training_data(path: str | os.PathLike) -> SequenceData:
+    """A user's data file: a polyphonic pickle (Pyro's JSB Chorales format, read safely, with its
+    train / valid / test splits) or an ``.npz`` of sequences
+    (:func:`~pyro_storn.data.sequences.load_sequences`)."""
+    path = Path(path)
+    if path.is_file() and path.read_bytes()[:1] == PICKLE_PROTOCOL_OPCODE:
+        return load_polyphonic(path).sequence_data()
     return load_sequences(path)
 
 

@@ -300,6 +300,7 @@ def fit(
     max_seconds: float | None = None,
     drop_last: bool = False,
     checkpoint_every: int = 1,
+    metrics_every: int = 1,
     resume: bool = False,
     extra_state: dict[str, Any] | None = None,
     progress: bool = True,
@@ -322,8 +323,9 @@ def fit(
     :param env: the process group (:func:`pyro_storn.distributed.init_distributed`); every rank
         holds all of ``data`` and takes its :func:`shard` of each epoch's order; only rank 0
         writes. ``None``: one process on ``device``.
-    :param epoch_metrics: called after each epoch with its 1-based number (rank 0 only); its dict
-        is added to that epoch's line of ``metrics.jsonl``.
+    :param epoch_metrics: called after every ``metrics_every``-th epoch and the last, with its
+        1-based number (rank 0 only); its dict is added to that epoch's line of
+        ``metrics.jsonl``, and ``keep_best`` reads those lines only.
     :param before_epoch: called with the 0-based epoch before it starts (e.g. KL annealing).
     :param before_step: called with the 0-based epoch and the batch's example indices before each
         step (e.g. :meth:`pyro_storn.distributed.ExampleNoise.set_batch`).
@@ -347,7 +349,7 @@ def fit(
     if epochs is not None:
         check_positive_int("epochs", epochs)
     for name, value in (("batch_size", batch_size), ("checkpoint_every", checkpoint_every),
-                        ("log_every", log_every)):
+                        ("metrics_every", metrics_every), ("log_every", log_every)):
         check_positive_int(name, value)
     if max_steps is not None:
         check_positive_int("max_steps", max_steps)
@@ -545,12 +547,13 @@ def fit(
                     record["world_size"] = env.world_size
                 if divergence is not None:
                     record["replica_max_abs_diff"] = divergence
-                if epoch_metrics is not None:
+                scored = (epoch + 1) % metrics_every == 0 or epoch + 1 == epochs
+                if epoch_metrics is not None and scored:
                     record.update(epoch_metrics(epoch + 1))
                 if writes:
                     with open(run_dir / METRICS_NAME, "a") as handle:
                         handle.write(json.dumps(record) + "\n")
-                if keep_best is not None:
+                if keep_best is not None and scored:
                     keep_if_best(record)
             completed = epoch + 1
             if due or stopped or out_of_budget():

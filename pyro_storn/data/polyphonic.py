@@ -161,10 +161,11 @@ class PolyphonicData:
         return {"train": self.train, "valid": self.valid, "test": self.test}
 
     def sequence_data(self) -> SequenceData:
-        """Train and test as the :class:`~pyro_storn.data.sequences.SequenceData` the trainer
-        reads (``valid`` is not in it: pass ``self.valid`` as the validation set)."""
+        """The three splits as the :class:`~pyro_storn.data.sequences.SequenceData` the trainer
+        reads (``valid`` as its own validation split)."""
         return SequenceData(
-            x=self.train.x, mask=self.train.mask, x_test=self.test.x, mask_test=self.test.mask
+            x=self.train.x, mask=self.train.mask, x_test=self.test.x, mask_test=self.test.mask,
+            x_valid=self.valid.x, mask_valid=self.valid.mask,
         )
 
 

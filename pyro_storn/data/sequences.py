@@ -31,6 +31,9 @@ class SequenceData:
     mask: np.ndarray
     x_test: np.ndarray
     mask_test: np.ndarray
+    # A validation split of its own (e.g. JSB's "valid"); None: carve one from x if asked.
+    x_valid: np.ndarray | None = None
+    mask_valid: np.ndarray | None = None
 
     @property
     def input_dim(self) -> int:
