@@ -20,6 +20,9 @@ from . import (  # noqa: F401
     planar,
     prelu,
     radial,
+    spline,
+    spline_autoregressive,
+    spline_coupling,
     sylvester,
 )
 from .identity_start import STARTS_AT_IDENTITY, start_at_identity

@@ -50,6 +50,7 @@ __all__ = [
     "conditional_made",
     "soft_bound",
     "bind_context",
+    "solve_in_order",
 ]
 
 # One layer stretches or shrinks a coordinate by at most e^3 ~ 20. MADE's ReLU outputs grow
@@ -110,29 +111,56 @@ def bind_context(net: Callable[..., Any], context: torch.Tensor) -> Callable[[to
     return _ContextBoundNet(net, context)
 
 
-def made(input_dim: int, hidden_dims: Sequence[int] | None = None) -> AutoRegressiveNN:
+def made(
+    input_dim: int, hidden_dims: Sequence[int] | None = None, param_dims: Sequence[int] = (1, 1)
+) -> AutoRegressiveNN:
     """A MADE with the identity order (output ``i`` reads inputs ``< i``), returning a shift and
-    a raw log-scale. Default ``hidden_dims``: ``[3 * input_dim + 1]`` (Pyro's default)."""
+    a raw log-scale (or the outputs ``param_dims`` name, as :class:`pyro.nn.AutoRegressiveNN`).
+    Default ``hidden_dims``: ``[3 * input_dim + 1]`` (Pyro's default)."""
     hidden_dims = list(hidden_dims) if hidden_dims is not None else [3 * input_dim + 1]
     with warnings.catch_warnings():
         # At input_dim 1 the MADE's outputs are learnable constants (nothing comes before x_0):
-        # the layer is an elementwise affine map, which is what we want there.
+        # the layer is an elementwise map, which is what we want there.
         warnings.filterwarnings("ignore", message=".*input_dim = 1.*")
-        return AutoRegressiveNN(input_dim, hidden_dims, permutation=torch.arange(input_dim))
+        return AutoRegressiveNN(
+            input_dim, hidden_dims, param_dims=list(param_dims), permutation=torch.arange(input_dim)
+        )
 
 
 def conditional_made(
-    input_dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None
+    input_dim: int,
+    context_dim: int,
+    hidden_dims: Sequence[int] | None = None,
+    param_dims: Sequence[int] = (1, 1),
 ) -> ConditionalAutoRegressiveNN:
     """A conditional MADE (Paige & Wood 2016) with the identity order; every output also reads
     the context. Default ``hidden_dims``: ``[10 * input_dim]`` (Pyro's default)."""
     hidden_dims = list(hidden_dims) if hidden_dims is not None else [10 * input_dim]
     with warnings.catch_warnings():
-        # At input_dim 1 the outputs depend on the context only: an elementwise affine map.
+        # At input_dim 1 the outputs depend on the context only: an elementwise map.
         warnings.filterwarnings("ignore", message=".*input_dim = 1.*")
         return ConditionalAutoRegressiveNN(
-            input_dim, context_dim, hidden_dims, permutation=torch.arange(input_dim)
+            input_dim,
+            context_dim,
+            hidden_dims,
+            param_dims=list(param_dims),
+            permutation=torch.arange(input_dim),
         )
+
+
+def solve_in_order(
+    known: torch.Tensor, update: Callable[[torch.Tensor, int], torch.Tensor]
+) -> torch.Tensor:
+    """The sequential pass of an autoregressive map with the identity order: coordinate ``i`` of
+    the solution is ``update(solution, i)`` (shape ``known.shape[:-1]``, or broader when a
+    context broadens the batch), computed from a solution whose coordinates ``< i`` are fixed and
+    the rest 0. Gradients flow through every step."""
+    dim = known.size(-1)
+    position = torch.arange(dim, device=known.device)
+    solution = torch.zeros_like(known)
+    for index in range(dim):
+        solution = torch.where(position == index, update(solution, index).unsqueeze(-1), solution)
+    return solution
 
 
 def _order_of(net: Any) -> tuple[int, ...] | None:
