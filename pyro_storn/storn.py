@@ -268,6 +268,9 @@ class STORN(nn.Module):
             )
 
     def _standardize(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Every network input passes here: the Bernoulli emission's data check sits here once.
+        if self.emission_type == "bernoulli":
+            self._check_binary(x, mask)
         # Unobserved steps (padding) are set to 0 so that their values, NaN included, reach
         # neither network nor gradient.
         return torch.where(mask[..., None], (x - self.data_loc) / self.data_scale, 0.0)
@@ -396,8 +399,6 @@ class STORN(nn.Module):
         """:math:`p(x \\mid z)` with event shape ``(T, D)``, unobserved steps masked out; the
         Bernoulli emission refuses observed values other than 0 and 1."""
         step_mask = self._mask(x, mask)
-        if self.emission_type == "bernoulli":
-            self._check_binary(x, step_mask)
         params = self.decode(x, z, mask)
         return self._emission_distribution(params).mask(step_mask[..., None]).to_event(2)
 
