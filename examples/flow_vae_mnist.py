@@ -327,6 +327,7 @@ def preamble(data: mnist.MNISTData, args: argparse.Namespace, results: list[dict
         f"{tuple(args.hidden_dims)} {args.activation}, latent {args.latent_dim}, no batch "
         f"normalisation; flows amortised on the encoder's last hidden layer where they can be "
         f"conditioned.",
+        vae_table.study_protocol(args.epochs, args.lr, args.lr_decay_epochs),
         f"Machine: {platform.machine()} {platform.system()}, torch {torch.__version__}, "
         f"pyro {pyro.__version__}, device {args.device}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "

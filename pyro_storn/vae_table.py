@@ -30,6 +30,7 @@ __all__ = [
     "model_name",
     "published_for",
     "validation_curve",
+    "study_protocol",
     "record",
     "write_table",
     "plot_terms",
@@ -49,6 +50,10 @@ PUBLISHED: dict[tuple[str, int], list[tuple[str, float, str]]] = {
 # The best flow's test -ELBO should reach Rezende & Mohamed's planar K = 10; the moonshot -IWAE.
 TARGET_NEG_ELBO = 87.5
 TARGET_NEG_IWAE = 84.0
+# The study's training protocol (Henrion & Welleck, after Rezende & Mohamed and Kingma et al.).
+STUDY_EPOCHS = 2000
+STUDY_LR = 2e-4
+STUDY_LR_DECAY_EPOCHS = 100
 # Epochs over which the table reports how far each validation curve still moved.
 CURVE_TAIL_EPOCHS = 3
 
@@ -106,6 +111,26 @@ def validation_curve(history: list[dict[str, Any]], key: str = "valid_neg_elbo",
     earlier = points[-1 - tail][1] if len(points) > tail else points[0][1]
     return {"best_epoch": best_epoch, "best": best, "last_epoch": last_epoch, "last": last,
             "fall_over_tail": earlier - last, "tail": min(tail, len(points) - 1)}
+
+
+def study_protocol(epochs: int, lr: float, lr_decay_epochs: float | None,
+                   batch_norm: bool = False) -> str:
+    """One line saying which of the study's settings (2,000 epochs, lr 0.0002 / (1 + t / 100),
+    batch normalisation) a run follows."""
+    followed, changed = [], []
+    (followed if epochs >= STUDY_EPOCHS else changed).append(
+        f"{epochs} epochs (the study: {STUDY_EPOCHS})")
+    (followed if lr_decay_epochs == STUDY_LR_DECAY_EPOCHS else changed).append(
+        f"the schedule lr / (1 + t / {STUDY_LR_DECAY_EPOCHS}), t in epochs"
+        if lr_decay_epochs == STUDY_LR_DECAY_EPOCHS else
+        f"the schedule {'constant' if lr_decay_epochs is None else f'lr / (1 + t / {lr_decay_epochs:g})'}"
+        f" (the study: lr / (1 + t / {STUDY_LR_DECAY_EPOCHS}))")
+    (followed if lr == STUDY_LR else changed).append(
+        f"base lr {lr:g}" + ("" if lr == STUDY_LR else f" (the study: {STUDY_LR:g})"))
+    (followed if batch_norm else changed).append(
+        "batch normalisation" if batch_norm else "no batch normalisation (the study: with)")
+    return (f"Against the study's protocol: follows {'; '.join(followed) or 'none of it'}; "
+            f"differs in {'; '.join(changed) or 'nothing'}.")
 
 
 def _fmt(value: float | None, se: float | None = None) -> str:
@@ -186,6 +211,14 @@ def write_table(
         "single-sample -ELBO of the validation images at the best epoch, whose state is the "
         f"one evaluated; 'still falling': its drop over the last {CURVE_TAIL_EPOCHS} epochs. "
         "Train s: seconds of optimiser steps; eval s: seconds of the final bounds.")
+    if subset and done:
+        n_test = max(elbo_n)
+        minutes = sum(r.get("eval_seconds", 0.0) * n_test / rec["iwae_images"]
+                      for r, rec in done) / 60
+        lines[-1] += (f" At the rates measured here, -IWAE with S = {describe(iwae_s)} on all "
+                      f"{n_test} test images would take about {minutes:.0f} min for these "
+                      f"{len(done)} models instead of the subset's "
+                      f"{sum(r.get('eval_seconds', 0.0) for r, _ in done) / 60:.0f} min.")
     lines += [
         "",
         f"| model | K | epochs (best) | valid -ELBO (still falling) | test -ELBO "

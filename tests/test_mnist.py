@@ -420,3 +420,125 @@ def test_fixed_train_binarisation_is_reproducible(sample_5k):
     assert torch.equal(first, second) and first.shape == (4000, 784)
     assert not torch.equal(first, sample_5k.fixed_train(seed=7))
     assert math.isclose(float(first.mean()), float(sample_5k.train.mean()), abs_tol=5e-3)
+
+
+# ---- the statically binarized MNIST .npz -------------------------------------------------------
+
+SMALL_SIZES = {"train": 30, "valid": 10, "test": 12}
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray] | None = None, seed: int = 0,
+              **overrides: np.ndarray) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    if arrays is None:
+        arrays = {name: rng.integers(0, 2, (n, mnist.IMAGE_SIZE)).astype(np.uint8)
+                  for name, n in SMALL_SIZES.items()}
+    arrays = {**arrays, **overrides}
+    np.savez_compressed(path, **arrays)
+    return arrays
+
+
+def test_load_binarized_npz(tmp_path):
+    path = tmp_path / "binarized.npz"
+    arrays = write_npz(path)
+    data = mnist.load_binarized_mnist_npz(path, sizes=SMALL_SIZES)
+    for split in ("train", "valid", "test"):
+        np.testing.assert_array_equal(getattr(data, split), arrays[split])
+        assert getattr(data, split).dtype == np.float32
+    assert data.binarization == "fixed" and "binarized.npz" in data.source
+    # Static binarisation: the training data are the images themselves, the RNG is not used.
+    state = torch.get_rng_state()
+    train = data.train_dataset()
+    assert isinstance(train, torch.Tensor) and torch.equal(train, torch.as_tensor(arrays["train"],
+                                                                                  dtype=torch.float32))
+    assert torch.equal(data.fixed_train(), train) and torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(data.valid_tensor(), torch.as_tensor(arrays["valid"], dtype=torch.float32))
+    merged = mnist.load_binarized_mnist_npz(path, sizes=SMALL_SIZES, merge_valid=True)
+    assert merged.train.shape == (40, mnist.IMAGE_SIZE) and merged.valid is None
+
+
+def test_npz_standard_sizes_are_checked(tmp_path):
+    path = tmp_path / "small.npz"
+    write_npz(path)
+    with pytest.raises(ValueError, match=r"array 'train' holds 30 images, expected 50000"):
+        mnist.load_binarized_mnist_npz(path)
+
+
+def test_npz_bool_pixels_are_accepted(tmp_path):
+    path = tmp_path / "bool.npz"
+    arrays = write_npz(path)
+    write_npz(path, {k: v.astype(bool) for k, v in arrays.items()})
+    data = mnist.load_binarized_mnist_npz(path, sizes=SMALL_SIZES)
+    np.testing.assert_array_equal(data.test, arrays["test"])
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ({"train": np.zeros((30, 783), np.uint8)}, r"'train' has shape \(30, 783\), expected \(N, 784\)"),
+    ({"valid": np.zeros((10, 28, 28), np.uint8)}, r"'valid' has shape \(10, 28, 28\)"),
+    ({"test": np.zeros((12, 784), np.float32)}, r"'test' has dtype float32, expected uint8"),
+    ({"test": np.full((12, 784), 2, np.uint8)}, r"'test' holds the value 2 \(image 0\), expected only 0 and 1"),
+    ({"train": np.zeros((0, 784), np.uint8)}, r"'train' has shape \(0, 784\)"),
+])
+def test_bad_npz_arrays_name_file_array_and_problem(tmp_path, override, pattern):
+    path = tmp_path / "bad.npz"
+    write_npz(path, **override)
+    with pytest.raises(ValueError, match=pattern) as error:
+        mnist.load_binarized_mnist_npz(path, sizes={"train": None, "valid": None, "test": None})
+    assert str(path) in str(error.value)
+
+
+def test_npz_missing_array_names_what_is_there(tmp_path):
+    path = tmp_path / "two.npz"
+    np.savez(path, train=np.zeros((3, 784), np.uint8), test=np.zeros((3, 784), np.uint8))
+    with pytest.raises(ValueError, match=r"no array valid \(it holds train, test"):
+        mnist.load_binarized_mnist_npz(path, sizes=None)
+
+
+def test_npz_object_array_is_refused_without_unpickling(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('unpickled')",))
+
+    path = tmp_path / "pickled.npz"
+    arrays = write_npz(path)
+    np.savez(path, **{**arrays, "train": np.array([Boom()], dtype=object)})
+    with pytest.raises(ValueError, match=r"'train' cannot be read without pickle"):
+        mnist.load_binarized_mnist_npz(path, sizes=SMALL_SIZES)
+
+
+@pytest.mark.parametrize("content, pattern", [
+    (b"not a zip file at all", r"not a readable \.npz file"),
+    (None, r"a single \.npy array"),
+])
+def test_npz_that_is_not_an_npz(tmp_path, content, pattern):
+    path = tmp_path / "odd.npz"
+    if content is None:
+        with open(path, "wb") as handle:
+            np.save(handle, np.zeros((3, 784), np.uint8))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=pattern):
+        mnist.load_binarized_mnist_npz(path)
+
+
+def test_truncated_npz_names_file(tmp_path):
+    path = tmp_path / "cut.npz"
+    write_npz(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="cut.npz"):
+        mnist.load_binarized_mnist_npz(path, sizes=SMALL_SIZES)
+
+
+def test_missing_npz_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.npz"):
+        mnist.load_binarized_mnist_npz(tmp_path / "nothing.npz")
+
+
+def test_spread_subset_keeps_a_sorted_set_mixed():
+    index = mnist.spread_subset(10_000, 500)
+    assert len(index) == 500 and len(np.unique(index)) == 500
+    assert index[0] == 0 and index[-1] == 9980 and np.all(np.diff(index) == 20)
+    np.testing.assert_array_equal(mnist.spread_subset(7, None), np.arange(7))
+    np.testing.assert_array_equal(mnist.spread_subset(7, 9), np.arange(7))
+    with pytest.raises(ValueError, match="size"):
+        mnist.spread_subset(7, 0)

@@ -560,3 +560,90 @@ def test_example_uses_the_full_data_set_when_its_files_are_there(tmp_path):
     text = out.read_text()
     assert "binarized MNIST .amat files" in text and "30 training images" in text
     assert "12 test images" in text
+
+
+# ---- the validation split, the best checkpoint and the schedule -------------------------------
+
+
+def binary_images(n_train: int = 120, n_valid: int = 40, n_test: int = 40) -> mnist.MNISTData:
+    data = random_images(n_train + n_valid, n_test)
+    train = mnist.binarize(data.train, torch.Generator().manual_seed(2)).numpy()
+    return mnist.MNISTData(train=train[:n_train], valid=train[n_train:], test=data.test,
+                           binarization="fixed", source="synthetic, fixed")
+
+
+def test_fit_vae_keeps_the_best_epoch_by_validation_elbo(tmp_path):
+    from pyro_storn.vae_fit import VALID_METRIC, load_best
+
+    pyro.set_rng_seed(0)
+    vae = small_vae(None)
+    result = fit_vae(vae, binary_images(), epochs=3, run_dir=tmp_path, batch_size=40, lr=1e-2,
+                     progress=False)
+    history = read_metrics(tmp_path)
+    values = [h[VALID_METRIC] for h in history]
+    assert all(math.isfinite(v) for v in values)
+    best = int(np.argmin(values)) + 1
+    assert result.best_epoch == best
+    fresh = small_vae(None)
+    assert load_best(fresh, tmp_path) == best
+    # The kept state is that epoch's: its validation -ELBO is the recorded one within MC error.
+    from pyro_storn.vae_fit import flow_metrics as metrics
+    again = np.mean([metrics(fresh, torch.as_tensor(binary_images().valid))["neg_elbo"]
+                     for _ in range(20)])
+    assert abs(again - values[best - 1]) < 0.05 * abs(values[best - 1])
+    assert load_best(small_vae(None), tmp_path / "nothing") is None
+
+
+def test_fit_vae_without_validation_keeps_no_best(tmp_path):
+    pyro.set_rng_seed(0)
+    result = fit_vae(small_vae(None), random_images(), epochs=1, run_dir=tmp_path,
+                     batch_size=40, progress=False)
+    assert result.best_epoch is None and "valid_neg_elbo" not in read_metrics(tmp_path)[0]
+
+
+def test_inverse_time_schedule_follows_the_study():
+    from pyro_storn.vae_fit import learning_rate_factor
+
+    assert learning_rate_factor(0.0) == 1.0
+    assert learning_rate_factor(100.0, lr_decay_epochs=100) == pytest.approx(0.5)
+    assert learning_rate_factor(2.0, lr_decay=0.5, lr_decay_epochs=2) == pytest.approx(0.125)
+
+
+def test_fit_vae_applies_the_inverse_time_schedule(tmp_path):
+    pyro.set_rng_seed(0)
+    fit_vae(small_vae(None), random_images(), epochs=2, run_dir=tmp_path, batch_size=40,
+            lr=2e-3, lr_decay_epochs=1.0, progress=False)
+    history = read_metrics(tmp_path)
+    # the rate of the next step after 1 and 2 epochs: lr / (1 + t)
+    assert [h["lr"] for h in history] == pytest.approx([1e-3, 2e-3 / 3])
+
+
+def test_example_reads_the_npz_and_refuses_a_bad_one(tmp_path, capsys):
+    example = load_example()
+    rng = np.random.default_rng(0)
+    path = tmp_path / "binarized.npz"
+    np.savez_compressed(path, train=np.zeros((3, 784), np.float64),
+                        valid=np.zeros((3, 784), np.uint8), test=np.zeros((3, 784), np.uint8))
+    with pytest.raises(SystemExit) as stop:
+        example.main(["--data", str(path), "--flows", "none", "--run-dir", str(tmp_path / "r"),
+                      "--out", str(tmp_path / "t.md"), "--no-progress"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dtype float64" in err[0] and "binarized.npz" in err[0]
+    assert not (tmp_path / "r").exists() and not (tmp_path / "t.md").exists()
+    # A valid file of the standard sizes: read, the validation split used for the best epoch.
+    arrays = {name: rng.integers(0, 2, (n, 784)).astype(np.uint8)
+              for name, n in mnist.NPZ_SPLITS.items()}
+    np.savez_compressed(path, **arrays)
+    args = example.parse_args(["--data", str(path)])
+    data = example.load_data(args)
+    assert data.binarization == "fixed" and data.valid.shape == (10_000, 784)
+
+
+def test_example_models_keep_their_order():
+    example = load_example()
+    args = example.parse_args(["--models", "none,planar@10,householder:count_transforms=1@2"])
+    runs, skipped = example.configurations(args)
+    assert runs == [("none", 0), ("planar", 10), ("householder:count_transforms=1", 2)]
+    with pytest.raises(SystemExit):
+        example.parse_args(["--models", "planar"])
