@@ -31,7 +31,8 @@ def _data(seed: int = 0) -> torch.Tensor:
 def _storn(flow=None, length=0, **kwargs) -> STORN:
     pyro.set_rng_seed(0)
     storn = STORN(D, Z, H, flow=flow, flow_length=length, **kwargs)
-    storn.set_data_statistics(_data(1))
+    binary = kwargs.get("emission", "normal") == "bernoulli"
+    storn.set_data_statistics(_binary_walks() if binary else _data(1))
     return storn
 
 
@@ -122,10 +123,23 @@ def test_mask_counts_only_observed_steps_in_the_likelihood():
     torch.testing.assert_close(masked, short)
 
 
-@pytest.mark.parametrize("flow, length", FLOW_CASES[:2])
-def test_short_run_lowers_the_loss(flow, length):
-    storn = _storn(flow, length)
-    x = torch.randn(16, T, D, generator=torch.Generator().manual_seed(5)).cumsum(1)
+def _binary_walks() -> torch.Tensor:
+    """0/1 sequences with memory: the sign of each feature's random walk."""
+    return (torch.randn(16, T, D, generator=torch.Generator().manual_seed(5)).cumsum(1) > 0).float()
+
+
+@pytest.mark.parametrize("flow, length, emission, encoder", [
+    *((flow, length, "normal", "forward") for flow, length in FLOW_CASES[:2]),
+    (None, 0, "bernoulli", "forward"),
+    (None, 0, "bernoulli", "backward"),
+    (*FLOW_CASES[1], "normal", "bidirectional"),
+])
+def test_short_run_lowers_the_loss(flow, length, emission, encoder):
+    storn = _storn(flow, length, emission=emission, encoder=encoder)
+    if emission == "normal":
+        x = torch.randn(16, T, D, generator=torch.Generator().manual_seed(5)).cumsum(1)
+    else:
+        x = _binary_walks()
     storn.set_data_statistics(x)
     pyro.clear_param_store()
 
