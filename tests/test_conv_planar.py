@@ -373,3 +373,75 @@ def test_centred_newton_inverse_round_trips_and_differentiates(conditional):
         return dist.TransformedDistribution(base, [flow]).log_prob(y)
 
     assert torch.autograd.gradcheck(log_prob, (y, w, u, b), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def _masked(layer, context, mask):
+    return layer.with_mask(mask) if context is None else layer.condition(context, mask=mask)
+
+
+@pytest.mark.parametrize("causal,conditional", CASES, ids=CASE_IDS)
+def test_a_masked_layer_acts_on_each_sequence_as_on_the_sequence_alone(causal, conditional):
+    """Steps past each sequence's length (mask False) are left unchanged and add nothing; the
+    observed steps' values, log-det, inverse and gradients are those of the sequence alone."""
+    torch.manual_seed(40)
+    layer = _layer(causal, conditional)
+    _move(layer, seed=41)
+    lengths = (SEQ_LEN, 9, 1)
+    mask = torch.arange(SEQ_LEN) < torch.tensor(lengths)[:, None]
+    context = _context(conditional, len(lengths))
+    x = torch.randn(len(lengths), SEQ_LEN, LATENT, dtype=torch.float64, requires_grad=True)
+    transform = _masked(layer, context, mask)
+    y = transform(x)
+    log_det = transform.log_abs_det_jacobian(x, y)
+    assert torch.equal(y[~mask], x[~mask])
+    with torch.no_grad():
+        torch.testing.assert_close(transform.inv(y.clone()), x, rtol=1e-10, atol=1e-10)
+    for i, steps in enumerate(lengths):
+        alone_context = None if context is None else context[i : i + 1, :steps]
+        alone = _transform(layer, alone_context)
+        x_alone = x[i : i + 1, :steps]
+        y_alone = alone(x_alone)
+        torch.testing.assert_close(y[i : i + 1, :steps], y_alone, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(log_det[i : i + 1], alone.log_abs_det_jacobian(x_alone, y_alone),
+                                   rtol=1e-10, atol=1e-10)
+    (grad,) = torch.autograd.grad((y.square().sum(-1) * mask).sum() - log_det.sum(), x)
+    assert torch.equal(grad[~mask], torch.zeros_like(grad[~mask]))
+
+
+@pytest.mark.parametrize("causal,conditional", CASES, ids=CASE_IDS)
+def test_masked_logdet_matches_autograd_for_any_mask(causal, conditional):
+    """With gaps anywhere in the mask, the log-det is still the map's: slogdet of the autograd
+    Jacobian of the whole (T, Z) event."""
+    torch.manual_seed(42)
+    layer = _layer(causal, conditional)
+    _move(layer, seed=43)
+    mask = torch.rand(SEQ_LEN, generator=torch.Generator().manual_seed(44)) < 0.6
+    context = _context(conditional)
+    transform = _masked(layer, context, mask)
+    x = 1.5 * torch.randn(SEQ_LEN, LATENT, dtype=torch.float64)
+    expected = torch.linalg.slogdet(_jacobian(transform, x)).logabsdet
+    ours = transform.log_abs_det_jacobian(x, transform(x))
+    assert ours.item() == pytest.approx(expected.item(), abs=LOGDET_TOL, rel=LOGDET_TOL)
+
+
+def test_mask_must_be_bool():
+    layer = _layer(True, False)
+    with pytest.raises(ValueError, match="bool"):
+        layer.with_mask(torch.ones(SEQ_LEN))
+
+
+def test_conditioned_layer_runs_its_network_at_call_time_once_per_sample_and_score():
+    torch.manual_seed(45)
+    layer = _layer(True, True)
+    calls = []
+    layer.nn.register_forward_hook(lambda *_: calls.append(1))
+    context = _context(True, 4)
+    base = dist.Normal(torch.zeros(SEQ_LEN, LATENT, dtype=torch.float64), 1.0).to_event(2)
+    transform = layer.condition(context)
+    assert not calls  # nothing evaluated at condition time
+    density = dist.TransformedDistribution(base, [transform])
+    z = density.rsample()
+    density.log_prob(z)
+    assert len(calls) == 1  # forward and its log-det share one evaluation
+    density.log_prob(torch.randn(4, SEQ_LEN, LATENT, dtype=torch.float64))
+    assert len(calls) == 2  # an inverse and its log-det share one too
