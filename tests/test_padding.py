@@ -192,3 +192,18 @@ def test_sequence_flow_without_a_step_mask_is_refused_for_padded_batches():
     x, mask = _batch()
     with pytest.raises(ValueError, match="takes no step mask"):
         storn.posterior(x, mask)
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_analytic_kl_of_the_mean_field_elbo_excludes_padding(encoder):
+    """TraceMeanField_ELBO (plain STORN's loss) takes KL(q || p) in closed form from the masked
+    sites: per sequence it is the sequence's own."""
+    storn = _storn(None, 0, encoder=encoder)
+    x, mask = _batch()
+    with torch.no_grad():
+        kl = torch.distributions.kl_divergence(storn.posterior(x, mask),
+                                               storn.prior((len(LENGTHS),), T, mask))
+        for i, steps in enumerate(LENGTHS):
+            alone = torch.distributions.kl_divergence(storn.posterior(_alone(x, i)),
+                                                      storn.prior((1,), steps))
+            _close(kl[i], alone[0], f"sequence {i}: KL")
