@@ -186,7 +186,8 @@ class STORN(nn.Module):
         if rnn not in RNN_TYPES:
             raise ValueError(f"unknown rnn {rnn!r}; valid choices: {', '.join(RNN_TYPES)}")
         if emission not in EMISSIONS:
-            raise ValueError(f"unknown emission {emission!r}; valid choices: {', '.join(EMISSIONS)}")
+            raise ValueError(
+                f"unknown emission {emission!r}; valid choices: {', '.join(EMISSIONS)}")
         if encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {encoder!r}; valid choices: {', '.join(ENCODERS)}")
         flow = None if flow in (None, "none") else flow
