@@ -207,3 +207,15 @@ def test_analytic_kl_of_the_mean_field_elbo_excludes_padding(encoder):
             alone = torch.distributions.kl_divergence(storn.posterior(_alone(x, i)),
                                                       storn.prior((1,), steps))
             _close(kl[i], alone[0], f"sequence {i}: KL")
+
+
+@pytest.mark.parametrize("flow,length,condition_flow", FLOWS[:2], ids=FLOW_IDS[:2])
+def test_evaluation_terms_leave_padding_out_of_the_prior(flow, length, condition_flow):
+    """The per-epoch metrics and the IWAE of pyro_storn.evaluation score only observed steps."""
+    from pyro_storn.evaluation import sample_terms
+
+    storn = _storn(flow, length, condition_flow)
+    x, mask = _batch()
+    terms, _ = sample_terms(storn, x, mask, SAMPLES)
+    per_step = torch.distributions.Normal(0.0, 1.0).log_prob(terms.zK).sum(-1)
+    _close(terms.log_prior, (per_step * mask).sum(-1), "log p(z) over observed steps")
