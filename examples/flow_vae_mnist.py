@@ -41,7 +41,7 @@ import torch
 import transforms
 from pyro_storn import vae_table
 from pyro_storn.data import mnist
-from pyro_storn.training import CHECKPOINT_NAME, NonFiniteLossError
+from pyro_storn.training import CHECKPOINT_NAME, NonFiniteLossError, read_metrics
 from pyro_storn.vae import ACTIVATIONS, VAE
 from pyro_storn.vae_fit import evaluate_bounds, fit_vae, load_best
 
@@ -141,6 +141,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument("--resume", "--reuse", dest="resume", action="store_true",
                             help="continue each model's checkpoint of the same protocol and take "
                                  "a finished model's results.json instead of training it again")
+    evaluation.add_argument("--table-only", action="store_true",
+                            help="train nothing: write the table from the finished models' "
+                                 "results.json, saying where the others' runs stand")
     evaluation.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = parser.parse_args(argv)
     for name in ("flows", "lengths", "hidden_dims"):  # argparse leaves string defaults unparsed
@@ -333,6 +336,8 @@ def preamble(data: mnist.MNISTData, args: argparse.Namespace, results: list[dict
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
         f"wall time: {model_seconds / 60:.1f} min of training and evaluation summed over the "
         f"models (this invocation {total_seconds / 60:.1f} min; --resume takes stored models).",
+        "To resume or extend: the same command (with `--resume`) continues every model's "
+        "checkpoint; a larger `--epochs` trains on from it and evaluates again.",
     ]
 
 
@@ -345,16 +350,49 @@ def layer_notes(results: list[dict[str, Any]], args: argparse.Namespace) -> list
     return layers
 
 
+def progress_note(spec: str, length: int, args: argparse.Namespace) -> str:
+    """A model still to run, with where its run stands (epochs done, last validation -ELBO)."""
+    name = vae_table.model_name({"flow": spec, "flow_spec": spec, "K": length})
+    history = read_metrics(args.run_dir / run_name(spec, length))
+    if not history:
+        return name
+    last = history[-1]
+    valid = (f", valid -ELBO {last['valid_neg_elbo']:.2f}" if "valid_neg_elbo" in last else "")
+    return f"{name} (stopped at epoch {last['epoch']} of {args.epochs}{valid})"
+
+
+def write_outputs(results: list[dict[str, Any]], planned: list[str], skipped: list[str],
+                  data: mnist.MNISTData, args: argparse.Namespace, seconds: float,
+                  command: str) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(vae_table.write_table(
+        results, title=args.title, skipped=skipped, planned=planned, seed=args.seed,
+        preamble=preamble(data, args, results, seconds, command),
+        layers=layer_notes(results, args), figure_name=args.figure.name))
+    baseline = next((r for r in results if r["flow"] == "none" and "test" in r), None)
+    records = [vae_table.record(r, baseline) for r in results]
+    args.out.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
+    vae_table.plot_terms(results, args.figure)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # The page names the command that trains; --table-only only rewrites it.
     command = "python examples/flow_vae_mnist.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv) if a != "--table-only"
     )
     started = time.perf_counter()
     invocation = datetime.now(timezone.utc).isoformat(timespec="seconds")
     data = load_data(args)
     runs, skipped = configurations(args)
     results = []
+    if args.table_only:
+        stored = [(spec, length, stored_result(spec, length, data, args)) for spec, length in runs]
+        results = [result for _, _, result in stored if result is not None]
+        planned = [progress_note(spec, length, args) for spec, length, r in stored if r is None]
+        write_outputs(results, planned, skipped, data, args, time.perf_counter() - started,
+                      command)
+        runs = []
     for index, (spec, length) in enumerate(runs):
         result = stored_result(spec, length, data, args) if args.resume else None
         run_dir = args.run_dir / run_name(spec, length)
@@ -369,17 +407,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {spec} K={length}: reusing {run_dir}", file=sys.stderr)
         results.append(result)
         # Rewritten after every model, so that an interrupted run still leaves its table.
-        planned = [vae_table.model_name({"flow": s, "flow_spec": s, "K": k})
-                   for s, k in runs[index + 1:]]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(vae_table.write_table(
-            results, title=args.title, skipped=skipped, planned=planned, seed=args.seed,
-            preamble=preamble(data, args, results, time.perf_counter() - started, command),
-            layers=layer_notes(results, args), figure_name=args.figure.name))
-        baseline = next((r for r in results if r["flow"] == "none" and "test" in r), None)
-        records = [vae_table.record(r, baseline) for r in results]
-        args.out.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
-        vae_table.plot_terms(results, args.figure)
+        planned = [progress_note(s, k, args) for s, k in runs[index + 1:]]
+        write_outputs(results, planned, skipped, data, args, time.perf_counter() - started,
+                      command)
     print(f"wrote {args.out}, {args.out.with_suffix('.json')} and {args.figure}", file=sys.stderr)
     return 0
 

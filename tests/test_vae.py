@@ -647,3 +647,23 @@ def test_example_models_keep_their_order():
     assert runs == [("none", 0), ("planar", 10), ("householder:count_transforms=1", 2)]
     with pytest.raises(SystemExit):
         example.parse_args(["--models", "planar"])
+
+
+@needs_mlxtend
+def test_example_table_only_trains_nothing_and_says_where_runs_stand(tmp_path):
+    example = load_example()
+    runs, out = tmp_path / "runs", tmp_path / "t.md"
+    argv = ["--epochs", "2", "--hidden-dims", "16", "--latent-dim", "4", "--iwae-samples", "5",
+            "--eval-images", "20", "--run-dir", str(runs), "--out", str(out), "--no-progress",
+            "--resume"]
+    assert example.main(["--models", "none"] + argv) == 0
+    # a run stopped after one of its two epochs
+    assert example.main(["--models", "planar@1"] + argv[:1] + ["1"] + argv[2:]) == 0
+    (runs / "planar_K1" / "results.json").unlink()
+    assert example.main(["--models", "none,planar@1,iaf@2", "--table-only"] + argv) == 0
+    text = out.read_text()
+    assert "| VAE | 0 |" in text and "| planar |" not in text
+    assert "Still to run (in this order): planar K=1 (stopped at epoch 1 of 2" in text
+    assert "iaf K=2." in text and not (runs / "iaf_K2").exists()
+    assert "--table-only" not in text and "--models none,planar@1,iaf@2" in text
+    assert len(json.loads(out.with_suffix(".json").read_text())) == 1
