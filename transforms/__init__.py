@@ -17,6 +17,7 @@ from . import (  # noqa: F401
     glow,
     householder,
     matrix_exponential,
+    neural_autoregressive,
     planar,
     prelu,
     radial,
