@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
 import torch
 
-from pyro_storn.latent_use import latent_use
+from pyro_storn.latent_use import latent_use, latent_use_table
 from pyro_storn.runs import CHECKPOINT_CHOICES, load_run, load_run_data
+from pyro_storn.validation import check_positive_int
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,8 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated feature names (default: x0, x1, ...)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the posterior draws (default: 0)")
     args = parser.parse_args(argv)
-    if args.n_sequences < 1:
-        parser.error(f"--n-sequences must be >= 1, got {args.n_sequences}")
+    try:
+        check_positive_int("--n-sequences", args.n_sequences)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -51,15 +53,9 @@ def run_table(run_dir: str, args: argparse.Namespace) -> str:
     torch.manual_seed(args.seed)
     use = latent_use(storn, x, mask)
     which = record["checkpoint"]
-    lines = [f"### {run_dir} ({which['which']} state, epoch {which['epoch']})", "",
-             f"Base posterior scale, median: {use['q0_scale']:.3f} (the prior's: 1).", "",
-             "| feature | data sd | emission sd (median) | emission sd / data sd | decoder change "
-             "with z = 0 (median) |", "|---|---|---|---|---|"]
-    for name, data_sd, emission_sd, change in zip(names, use["data_sd"], use["emission_sd"],
-                                                  use["decoder_change"]):
-        lines.append(f"| {name} | {data_sd:.4g} | {emission_sd:.4g} | "
-                     f"{emission_sd / max(data_sd, np.finfo(float).tiny):.3g} | {change:.3g} |")
-    return "\n".join(lines)
+    return "\n".join([f"### {run_dir} ({which['which']} state, epoch {which['epoch']})", "",
+                      f"Base posterior scale, median: {use['q0_scale']:.3f} (the prior's: 1).", "",
+                      latent_use_table(use, names)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """pyro_storn.latent_use and examples/storn_latent_use.py: whether a STORN's decoder and posterior
-use the latent, measured per feature."""
+use the latent, measured per feature, and from which epoch a run's KL says it does."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from example_scripts import load_example
 
 from pyro_storn import STORN
 from pyro_storn.cli import main as cli_main
-from pyro_storn.latent_use import latent_use
+from pyro_storn.latent_use import LATENT_IN_USE_KL, latent_in_use_epoch, latent_use, latent_use_table
 
 D, Z = 3, 2
 
@@ -58,10 +58,32 @@ def test_bad_shapes_are_named():
         latent_use(_storn(), torch.randn(2, 5, D + 1))
 
 
-def test_the_example_prints_a_table_per_run(tmp_path, capsys):
-    data, run = tmp_path / "pend.npz", tmp_path / "run"
-    assert cli_main(["simulate", "--out", str(data), "--n-sequences", "10", "--n-steps", "6"]) == 0
-    assert cli_main(["train", "--data", str(data), "--out", str(run), "--hidden-dim", "6",
+def test_the_table_has_a_row_per_feature_and_the_ratio_of_the_sds():
+    use = {"data_sd": np.array([2.0, 0.0]), "emission_sd": np.array([1.0, 0.5]),
+           "decoder_change": np.array([0.25, 0.0]), "q0_scale": 0.9}
+    lines = latent_use_table(use, ["a", "b"]).splitlines()
+    assert lines[0].startswith("| feature | data sd | emission sd (median) | emission sd / data sd")
+    assert lines[2] == "| a | 2 | 1 | 0.5 | 0.25 |"
+    assert lines[3].split(" | ")[3] == f"{0.5 / np.finfo(float).tiny:.3g}"  # no division by 0
+    with pytest.raises(ValueError, match="1 feature names for 2 features"):
+        latent_use_table(use, ["a"])
+
+
+def test_latent_in_use_epoch_is_the_first_to_reach_the_threshold():
+    history = [{"epoch": 1, "test/kl": 12.0}, {"epoch": 2, "test/kl": 2.0},
+               {"epoch": 3, "test/kl": 15.0}, {"epoch": 4, "test/kl": 50.0},
+               {"epoch": 5, "test/kl": 30.0}]
+    assert LATENT_IN_USE_KL == 10.0
+    # above from epoch 3 to the end; the early excursion at epoch 1 does not count
+    assert latent_in_use_epoch(history) == 3
+    assert latent_in_use_epoch(history, threshold=20.0) == 4
+    assert latent_in_use_epoch(history, threshold=40.0) is None  # ends below
+    assert latent_in_use_epoch(history[:2]) is None  # collapsed after one epoch
+
+
+def test_the_example_prints_a_table_per_run(tmp_path, capsys, pendulum):
+    run = tmp_path / "run"
+    assert cli_main(["train", "--data", str(pendulum), "--out", str(run), "--hidden-dim", "6",
                      "--epochs", "1", "--quiet"]) == 0
     capsys.readouterr()
     example = load_example("storn_latent_use.py")
@@ -74,7 +96,7 @@ def test_the_example_prints_a_table_per_run(tmp_path, capsys):
         example.main([str(run), "--features", "a,b"])
     with pytest.raises(SystemExit):
         example.parse_args([str(run), "--n-sequences", "0"])
-    assert "--n-sequences must be >= 1" in capsys.readouterr().err
+    assert "--n-sequences must be a positive int, got 0" in capsys.readouterr().err
 
 
 def test_the_examples_help_shows_its_use(capsys):
