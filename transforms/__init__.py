@@ -19,6 +19,7 @@ from . import (  # noqa: F401
     matrix_exponential,
     neural_autoregressive,
     planar,
+    polynomial,
     prelu,
     radial,
     spline,

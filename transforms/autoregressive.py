@@ -51,6 +51,7 @@ __all__ = [
     "soft_bound",
     "bind_context",
     "solve_in_order",
+    "describe_made",
 ]
 
 # One layer stretches or shrinks a coordinate by at most e^3 ~ 20. MADE's ReLU outputs grow
@@ -161,6 +162,12 @@ def solve_in_order(
     for index in range(dim):
         solution = torch.where(position == index, update(solution, index).unsqueeze(-1), solution)
     return solution
+
+
+def describe_made(net: Any, extra: str) -> str:
+    """``extra_repr`` text of a layer on a (conditional) MADE: its sizes, then ``extra``."""
+    context = f", context_dim={net.context_dim}" if getattr(net, "context_dim", 0) else ""
+    return f"input_dim={net.input_dim}{context}, hidden_dims={list(net.hidden_dims)}, {extra}"
 
 
 def _order_of(net: Any) -> tuple[int, ...] | None:

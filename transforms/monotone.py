@@ -15,15 +15,19 @@ without differentiating through the iterations (as :mod:`transforms.planar` does
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Any, Callable, Tuple
 
 import torch
+from torch.distributions import Transform, constraints
+
+from .autoregressive import solve_in_order
 
 __all__ = [
     "CONVERGED_ULPS",
     "bracket_limit",
     "solve_increasing",
     "implicit_step",
+    "MonotoneAutoregressive",
 ]
 
 # A step (or bracket) within this many ulps of 1 + |t| counts as converged: the inverse is then
@@ -136,3 +140,84 @@ def implicit_step(
     ``value`` :math:`= g(t)` and ``log_slope`` :math:`= \log g'(t)` computed with autograd on:
     the value is the root (polished once more), the derivative the implicit-function one."""
     return root.detach() - (value - target) * torch.exp(-log_slope)
+
+
+Params = Tuple[torch.Tensor, ...]
+
+
+class MonotoneAutoregressive(Transform):
+    r"""What NAF and the polynomial flow share: :math:`y_i = g(x_i; \theta_i(\mathbf{x}_{<i}))`
+    for a transformer :math:`g` increasing in :math:`x_i` and onto :math:`\mathbb{R}`, with
+    :math:`\log|\det J| = \sum_i \log g'(x_i; \theta_i)`; the inverse solves
+    :math:`g(t; \theta_i) = y_i` coordinate by coordinate in the identity order
+    (:func:`solve_increasing`, then :func:`implicit_step` for the gradients).
+
+    Subclasses give :meth:`_params` (the parameters of every coordinate at a network input),
+    :meth:`_coordinate` (those of coordinate ``i``), :meth:`_transformer` (``(g, log g')``,
+    elementwise, for either) and :meth:`_bracket` (an interval holding the root).
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+    sign = +1
+    autoregressive = True
+    volume_preserving = False
+
+    def __init__(self) -> None:
+        super().__init__(cache_size=1)
+        # (x, per-coordinate log-derivatives at x) of the last forward or inverse call
+        self._last: Tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _params(self, net_input: torch.Tensor) -> Params:
+        raise NotImplementedError
+
+    def _coordinate(self, params: Params, index: int) -> Params:
+        raise NotImplementedError
+
+    def _transformer(self, t: torch.Tensor, *params: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _bracket(self, target: torch.Tensor, *params: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _value_and_slope(self, params: Params) -> ValueAndSlope:
+        def value_and_slope(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+            value, log_slope = self._transformer(t, *params)
+            return value, torch.exp(log_slope)
+
+        return value_and_slope
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        y, log_slope = self._transformer(x, *self._params(x))
+        self._last = (x, log_slope)
+        return y
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        log_slopes = []
+
+        def update(solution: torch.Tensor, index: int) -> torch.Tensor:
+            params = self._coordinate(self._params(solution), index)
+            target = y[..., index]
+            with torch.no_grad():
+                lower, upper = self._bracket(target, *params)
+                root = solve_increasing(self._value_and_slope(params), target, lower, upper)
+            x_i = implicit_step(root, target, *self._transformer(root, *params))
+            log_slopes.append(self._transformer(x_i, *params)[1])
+            return x_i
+
+        x = solve_in_order(y, update)
+        self._last = (x, torch.stack(torch.broadcast_tensors(*log_slopes), dim=-1))
+        return x
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """From ``x``: the last call's log-derivatives when it produced or read this very
+        ``x``, one network call otherwise (never from ``y``)."""
+        if self._last is not None and self._last[0] is x:
+            return self._last[1].sum(-1)
+        return self._transformer(x, *self._params(x))[1].sum(-1)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_last"] = None  # tensors of one autograd graph, not state
+        return state

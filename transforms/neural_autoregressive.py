@@ -17,11 +17,10 @@ import torch
 import torch.nn.functional as F
 from pyro.distributions import ConditionalTransformModule, TransformModule
 from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN
-from torch.distributions import Transform, constraints
 
-from .autoregressive import bind_context, conditional_made, made, soft_bound, solve_in_order
+from .autoregressive import bind_context, conditional_made, describe_made, made, soft_bound
 from .coupling import _reset_linear_layers
-from .monotone import implicit_step, solve_increasing
+from .monotone import MonotoneAutoregressive
 from .registry import check_positive_int, register
 
 __all__ = [
@@ -79,7 +78,7 @@ def sigmoidal_flow(
     return log_mass_up - log_mass_down, log_slope
 
 
-class ConditionedNeuralAutoregressive(Transform):
+class ConditionedNeuralAutoregressive(MonotoneAutoregressive):
     r"""A neural autoregressive flow [1] with the DSF transformer: coordinate :math:`i` goes
     through a monotone one-hidden-layer sigmoidal network whose parameters are read from the
     coordinates before it,
@@ -114,18 +113,9 @@ class ConditionedNeuralAutoregressive(Transform):
     Distribution Estimation. ICML 2015. [arXiv:1502.03509]
     """
 
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-    sign = +1
-    autoregressive = True
-    volume_preserving = False
-
     def __init__(self, autoregressive_nn: Callable[[torch.Tensor], Sequence[torch.Tensor]]):
-        super().__init__(cache_size=1)
+        super().__init__()
         self.arn = autoregressive_nn
-        # (x, per-coordinate log-derivatives at x) of the last forward or inverse call
-        self._last: Tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _params(self, net_input: torch.Tensor) -> DSFParams:
         """``(log a, b, log w)`` at ``net_input``, each ``(..., D, W)``."""
@@ -133,57 +123,19 @@ class ConditionedNeuralAutoregressive(Transform):
         log_a = soft_bound(_log_softplus(a_raw), LOG_SLOPE_BOUND)
         return log_a, b, torch.log_softmax(w_raw, dim=-1)
 
-    def _call(self, x: torch.Tensor) -> torch.Tensor:
-        y, log_slope = sigmoidal_flow(x, *self._params(x))
-        self._last = (x, log_slope)
-        return y
+    def _coordinate(self, params: DSFParams, index: int) -> DSFParams:
+        return tuple(p[..., index, :] for p in params)
 
-    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        log_slopes = []
+    def _transformer(self, t, log_a, b, log_w):
+        return sigmoidal_flow(t, log_a, b, log_w)
 
-        def update(solution: torch.Tensor, index: int) -> torch.Tensor:
-            log_a, b, log_w = (p[..., index, :] for p in self._params(solution))
-            target = y[..., index]
-            with torch.no_grad():
-                ends = (target.unsqueeze(-1) - b) * torch.exp(-log_a)
-                root = solve_increasing(
-                    lambda t: _value_and_slope(t, log_a, b, log_w),
-                    target,
-                    ends.min(-1).values,
-                    ends.max(-1).values,
-                )
-            x_i = implicit_step(root, target, *sigmoidal_flow(root, log_a, b, log_w))
-            log_slopes.append(sigmoidal_flow(x_i, log_a, b, log_w)[1])
-            return x_i
-
-        x = solve_in_order(y, update)
-        self._last = (x, torch.stack(torch.broadcast_tensors(*log_slopes), dim=-1))
-        return x
-
-    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """From ``x``: the last call's log-derivatives when it produced or read this very
-        ``x``, one network call otherwise (never from ``y``)."""
-        if self._last is not None and self._last[0] is x:
-            return self._last[1].sum(-1)
-        return sigmoidal_flow(x, *self._params(x))[1].sum(-1)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["_last"] = None  # tensors of one autograd graph, not state
-        return state
-
-
-def _value_and_slope(t: torch.Tensor, log_a, b, log_w) -> Tuple[torch.Tensor, torch.Tensor]:
-    value, log_slope = sigmoidal_flow(t, log_a, b, log_w)
-    return value, torch.exp(log_slope)
+    def _bracket(self, target, log_a, b, log_w):
+        ends = (target.unsqueeze(-1) - b) * torch.exp(-log_a)
+        return ends.min(-1).values, ends.max(-1).values
 
 
 def _describe(net: Any) -> str:
-    context = f", context_dim={net.context_dim}" if getattr(net, "context_dim", 0) else ""
-    return (
-        f"input_dim={net.input_dim}{context}, hidden_dims={list(net.hidden_dims)}, "
-        f"hidden_units={net.param_dims[0]}"
-    )
+    return describe_made(net, f"hidden_units={net.param_dims[0]}")
 
 
 class NeuralAutoregressive(ConditionedNeuralAutoregressive, TransformModule):

@@ -17,7 +17,7 @@ from pyro.distributions import ConditionalTransformModule, TransformModule
 from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN
 from torch.distributions import Transform, constraints
 
-from .autoregressive import bind_context, conditional_made, made, solve_in_order
+from .autoregressive import bind_context, conditional_made, describe_made, made, solve_in_order
 from .coupling import _reset_linear_layers
 from .registry import register
 from .spline import (
@@ -137,11 +137,7 @@ class ConditionedSplineAutoregressive(Transform):
 
 
 def _describe(net: Any, count_bins: int, bound: float) -> str:
-    context = f", context_dim={net.context_dim}" if getattr(net, "context_dim", 0) else ""
-    return (
-        f"input_dim={net.input_dim}{context}, hidden_dims={list(net.hidden_dims)}, "
-        f"count_bins={count_bins}, bound={bound}"
-    )
+    return describe_made(net, f"count_bins={count_bins}, bound={bound}")
 
 
 class SplineAutoregressive(ConditionedSplineAutoregressive, TransformModule):
