@@ -24,10 +24,7 @@ Writes to ``--out`` (default ``docs``):
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +34,6 @@ import transforms
 from pyro_storn.data import toy2d
 from pyro_storn.density import (
     FitResult,
-    HistoryPoint,
     animate_cnf,
     fit_density,
     make_density,
@@ -46,26 +42,23 @@ from pyro_storn.density import (
     plot_panels,
     split,
 )
+from pyro_storn.density_table import Protocol, SideBySide, write_page
+from pyro_storn.tables import Stopwatch, command_line
+from pyro_storn.validation import check_positive_int
 
 DATASETS = ("two_moons", "two_blobs", "boomerang")
 FLOWS = ("planar", "radial", "realnvp", "nice", "maf", "cnf")
 
-# Joint gradient norm above which a step is rescaled: rare on standardised 2-D data, but one
-# minibatch with a point in a near-empty region of a sharp density can otherwise throw a
+# One minibatch with a point in a near-empty region of a sharp density can otherwise throw a
 # coupling flow far off in one step.
 CLIP_NORM = 10.0
 
 # Fraction of the training points held out to choose the checkpoint (never the test set).
 VALIDATION_FRACTION = 0.2
 
-# Per flow: layers, builder keyword arguments, fit keyword arguments. Planar and radial layers
-# are weak one at a time, so they get many. Planar starts near the identity (init_scale): with
-# Pyro's initialisation each layer contracts by ~0.69 along its w and a deep stack starts with a
-# test NLL in the tens to thousands. Discrete flows train for a number of steps (capped by
-# --seconds), so the table does not depend on the machine's load; the CNF keeps a time budget.
-# Couplings and MAF use Adam's customary 1e-3 and (32, 32) networks: with 5e-3, or with (64, 64)
-# networks, their validation NLL spiked (to 50 nats and more) on 320 points; the one-vector
-# flows, with few parameters, take 1e-2. (Chosen on the two-moons validation NLL.)
+# Per flow: layers, builder options, fit options, chosen on the two-moons validation NLL (the
+# page's notes say why). Discrete flows train for a number of steps so that the table does not
+# depend on the machine's load.
 CONFIGS: dict[str, dict[str, Any]] = {
     "planar": {"length": 16, "flow": {"init_scale": 0.1}, "fit": {"lr": 1e-2, "max_steps": 500}},
     "radial": {"length": 32, "flow": {}, "fit": {"lr": 1e-2, "max_steps": 400}},
@@ -74,16 +67,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "maf": {"length": 5, "flow": {"hidden_dims": (32, 32)}, "fit": {"lr": 1e-3, "max_steps": 500}},
     "cnf": {
         "length": 1,
-        # Kinetic + Jacobian-Frobenius penalties keep the paths straight, so 4 RK4 steps in
-        # training are accurate and the tight evaluation solve needs few evaluations.
+        # straight paths (kinetic + Jacobian penalties): 4 RK4 steps suffice in training
         "flow": {"hidden_dims": (64, 64), "kinetic_weight": 0.01, "jacobian_weight": 0.01},
         "fit": {"lr": 5e-3, "train_solver": {"method": "rk4", "step_size": 0.25}},
     },
 }
 
-# The side-by-side run keeps the protocol of the goal it measures (and of the slow test in
-# tests/test_density.py): both flows with (64, 64) networks at lr 5e-3, the whole training part
-# (4000 points: no overfitting to fight), the final parameters.
+# The side-by-side run keeps the protocol of the slow test in tests/test_density.py.
 COMPARE_FIT: dict[str, Any] = {"lr": 5e-3}
 COMPARE_FLOW: dict[str, dict[str, Any]] = {
     "realnvp": {"hidden_dims": (64, 64)},
@@ -123,6 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for option in ("seconds", "cnf_seconds"):
         if getattr(args, option) <= 0:
             parser.error(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
+    try:
+        check_positive_int("--compare-points", args.compare_points)
+    except ValueError as error:
+        parser.error(str(error))
     if args.quick:
         args.seconds, args.cnf_seconds = 2.0, 4.0
         args.compare_seconds = min(args.compare_seconds, 4.0)
@@ -180,7 +174,7 @@ def figures(name: str, data_name: str, density, data: torch.Tensor, folder: Path
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.perf_counter()
+    clock = Stopwatch()
     folder = args.out / "density_2d"
     folder.mkdir(parents=True, exist_ok=True)
     available = set(transforms.available())
@@ -231,121 +225,14 @@ def main(argv: list[str] | None = None) -> int:
             comparison, str(folder / "two_moons_cnf_vs_realnvp.png"),
             title=f"two moons, {args.compare_points} points: test NLL vs training time",
         )
-    write_table(args, rows, comparison, time.perf_counter() - started)
+    protocol = Protocol(args.seed, args.seconds, args.cnf_seconds, VALIDATION_FRACTION, CLIP_NORM,
+                        args.quick)
+    side = SideBySide(args.compare_points, args.compare_seconds, COMPARE_FIT["lr"], comparison)
+    command = command_line("examples/density_2d.py", sys.argv[1:] if argv is None else argv)
+    page = write_page(args.out / "density_2d.md", rows, CONFIGS, protocol, side, command,
+                      clock.wall_s)
+    print(f"wrote {page}")
     return 0
-
-
-NOTES = """## Notes on the settings
-
-- **Planar starts near the identity** (`init_scale=0.1`, see `transforms.planar.Planar`). With
-  Pyro's initialisation (`u, w ~ U(-1/sqrt(D), 1/sqrt(D))`) the reparameterisation that keeps a
-  layer invertible gives `w.u_hat = softplus(w.u) - 1 ~ log 2 - 1` for small `w.u`, so every layer
-  contracts by about 0.69 along its `w`, *whatever the scale of u and w*: 32 such layers start
-  with a test NLL of about 84 nats on two moons (about 3600 with u, w ten times smaller), and
-  the earlier 15-second runs never recovered (46 / 19 / 24 nats). `init_scale` sets
-  `w.u = log(e - 1)`, where `w.u_hat = 0`: each layer starts as a volume-preserving shear of
-  size 0.1, and the stack starts at the standardised Gaussian's NLL (about 2.05 on two moons).
-- **Couplings and MAF overfit 320 points.** Their validation NLL falls, then rises, and with
-  (64, 64) networks or lr 5e-3 it spiked to tens of nats (a few held-out points landing in the
-  near-empty space between the sharp ridges the flow learns). Hence (32, 32) networks, lr 1e-3,
-  clipping, and the checkpoint chosen on the validation set; the "last" column shows what
-  training to the end would have given. With 80 validation and 100 test points, one point can
-  move a mean NLL by tenths of a nat, so differences below that are noise.
-"""
-
-
-def _settings(name: str) -> str:
-    config = CONFIGS[name]
-    parts = [f"lr {config['fit']['lr']:g}"]
-    parts += [f"{key} {value}" for key, value in config["flow"].items()]
-    return ", ".join(parts).replace("hidden_dims", "hidden")
-
-
-def write_table(
-    args: argparse.Namespace, rows, comparison: dict[str, FitResult], total_seconds: float
-) -> None:
-    threads = torch.get_num_threads()
-    command = "python examples/density_2d.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
-    lines = [
-        "# Flow densities on 2-D data",
-        "",
-        f"Written by `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} {command}`"
-        + (" (smoke run: budgets too short to mean anything)" if args.quick else "")
-        + f" on {platform.machine()} with {threads} torch thread(s), {time.strftime('%Y-%m-%d')}, "
-        f"in {total_seconds / 60:.1f} minutes of wall time for the whole script (figures included) "
-        f"on a 2-core machine shared with other jobs, so seconds are indicative only. Seed {args.seed} "
-        "for the splits, the initialisation and the minibatches.",
-        "",
-        "Data: the published ProbAI 2022 files (500 points each), split 80/20 at random into train "
-        f"and test (seed {args.seed}); {VALIDATION_FRACTION:.0%} of the train part is held out as a "
-        f"validation set (seed {args.seed + 1}), so each flow fits 320 points. Adam, cosine decay "
-        f"to a tenth of the learning rate, minibatches of 256, gradients clipped to norm "
-        f"{CLIP_NORM:g}. Discrete flows train for the steps shown (capped at {args.seconds:g} s); "
-        f"the CNF for {args.cnf_seconds:g} s. Evaluations (not counted in the seconds) every 0.5 s "
-        "of training for discrete flows, six per CNF fit; the density keeps the parameters of the "
-        "evaluation with the lowest **validation** NLL.",
-        "",
-        "**test NLL** is the test NLL of those parameters (nats per point, data units, lower is "
-        "better); **last** is the test NLL at the end of training, for comparison. The test set "
-        "chose nothing: not the checkpoint, not the settings (chosen on the validation NLL of two "
-        "moons). The CNF is evaluated with dopri5 at rtol = atol = 1e-6 and trained with 4 RK4 "
-        "steps.",
-        "",
-        "| data | flow | layers | settings | test NLL | validation NLL | chosen at step | last | train s | steps |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for data_name, name, result in rows:
-        if result is None:
-            lines.append(f"| {data_name} | {name} | - | - | not registered | - | - | - | - | - |")
-            continue
-        chosen: HistoryPoint = result.selected_point
-        lines.append(
-            f"| {data_name} | {name} | {CONFIGS[name]['length']} | {_settings(name)} | "
-            f"{result.test_nll:.3f} | {chosen.validation_nll:.3f} | {chosen.step} | "
-            f"{result.final_test_nll:.3f} | {result.wall_time:.1f} | {result.steps} |"
-        )
-    lines += ["", NOTES.rstrip()]
-    if comparison:
-        lines += [
-            "",
-            "## CNF and RealNVP side by side",
-            "",
-            f"Generated two moons (noise {toy2d.MOONS_NOISE}), {args.compare_points} points split 80/20, "
-            f"{args.compare_seconds:g} s of training each, in one process, both with (64, 64) "
-            f"networks at lr {COMPARE_FIT['lr']:g} on the whole train part, no validation set, no clipping: the "
-            "protocol of the goal (and of the slow test in `tests/test_density.py`). The goal: the "
-            "CNF within 0.05 nats of RealNVP's test NLL in at most 2 minutes of training on "
-            "2 CPU cores. The numbers are the last evaluation of each run.",
-            "",
-            "| flow | train s | step | test NLL | NFE (eval solve) |",
-            "|---|---|---|---|---|",
-        ]
-        for name, result in comparison.items():
-            for point in result.history:
-                lines.append(
-                    f"| {name} | {point.wall_time:.1f} | {point.step} | {point.test_nll:.3f} | {point.nfe or '-'} |"
-                )
-        reference = comparison["realnvp"].test_nll
-        reached = comparison["cnf"].time_to(reference + 0.05)
-        # RealNVP at lr 5e-3 can end on an upward spike; its best evaluation is the stricter
-        # reference for the CNF (reported only: nothing is chosen by it).
-        strictest = min(point.test_nll for point in comparison["realnvp"].history)
-        reached_strictest = comparison["cnf"].time_to(strictest + 0.05)
-        lines += [
-            "",
-            f"RealNVP's final test NLL: {reference:.3f}. The CNF first came within 0.05 nats of it "
-            + (f"after {reached:.1f} s of training." if reached is not None else "not at all in its budget.")
-            + f" Against RealNVP's best evaluation ({strictest:.3f}), the stricter reference, the CNF "
-            + (
-                f"came within 0.05 nats after {reached_strictest:.1f} s."
-                if reached_strictest is not None
-                else "did not come within 0.05 nats in its budget."
-            ),
-            "",
-            "![history](density_2d/two_moons_cnf_vs_realnvp.png)",
-        ]
-    (args.out / "density_2d.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out / 'density_2d.md'}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """``python -m pyro_storn.demo`` (what ``make demo`` runs): the pendulum end to end.
 
 Simulates the random-torque pendulum (cached in the output directory), trains plain STORN and
-STORN with a flow guide (radial, K = 4, conditioned on the encoder state) on a budget that finishes
-within about five minutes on a 2-core CPU, evaluates both (test -ELBO, IWAE and the guide's
-PSIS k̂ per test sequence, from one set of importance draws), generates from step 0 and writes
-``runs/demo/report.md``. The settings are smaller than the thesis's (hidden 64,
-batch 25, 20 epochs); ``examples/storn_pendulum.py`` runs the full experiment.
+STORN with a flow guide (radial, K = 4, conditioned on the encoder state) on a budget of minutes on
+a CPU, evaluates both (test -ELBO, IWAE and the guide's PSIS k̂ per test sequence, from one set of
+importance draws), generates from step 0 and writes ``runs/demo/report.md``. The settings are
+smaller than the reference experiment's (hidden 64, batch 25, 20 epochs);
+``examples/storn_pendulum.py`` runs the full experiment.
 """
 
 from __future__ import annotations

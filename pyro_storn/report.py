@@ -14,6 +14,7 @@ from .data.pendulum import ACTION_FEATURE, FEATURES
 from .diagnostics import KHAT_THRESHOLD
 from .plots import plot_flow_terms, plot_generation, plot_khat_per_sequence, plot_losses
 from .runs import EVALUATION_NAME, GENERATED_NAME, read_run_config
+from .tables import MISSING, markdown_table
 from .training import read_metrics
 
 __all__ = ["run_summary", "write_report", "format_table", "khat_sentence"]
@@ -68,7 +69,7 @@ def run_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None:
-        return "–"
+        return MISSING
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
@@ -76,29 +77,27 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 def format_table(summaries: Mapping[str, dict[str, Any]]) -> str:
     """One Markdown row per run."""
-    header = ("| run | flow | K | epochs | train -ELBO | test -ELBO | test -IWAE (S) | "
-              "test -ELBO / step | test -IWAE / step | KL | Σ log-det | PSIS k̂ (joint) | "
-              "PSIS -IWAE (S) | PSIS ESS (joint) | train time (s) |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    rows = []
     for name, s in summaries.items():
         iwae = (f"{_fmt(s.get('test_neg_iwae_mean'))} ({s['test_num_samples']})"
-                if "test_num_samples" in s else "–")
-        psis_iwae, psis_ess = "–", "–"
+                if "test_num_samples" in s else MISSING)
+        psis_iwae, psis_ess = MISSING, MISSING
         if "psis_num_samples" in s:
             psis_iwae = f"{_fmt(s['psis_neg_iwae'])} ({s['psis_num_samples']})"
             psis_ess = f"{_fmt(s['psis_ess'], 1)} of {s['psis_num_samples']}"
         epochs = str(s["epochs"])
         if s.get("evaluated_epoch", s["epochs"]) != s["epochs"]:
             epochs += f" (best {s['evaluated_epoch']})"  # the state evaluation.json scored
-        lines.append(
-            f"| {name} | {s['flow']} | {s['flow_length']} | {epochs} | "
-            f"{_fmt(s['train_neg_elbo'])} | {_fmt(s.get('test_neg_elbo_mean'))} | {iwae} | "
-            f"{_fmt(s.get('test_neg_elbo_per_step'), 4)} | "
-            f"{_fmt(s.get('test_neg_iwae_per_step'), 4)} | {_fmt(s['kl'])} | "
-            f"{_fmt(s['sum_log_det'])} | {_fmt(s.get('psis_khat'))} | {psis_iwae} | "
-            f"{psis_ess} | {_fmt(s['train_time_s'], 0)} |"
-        )
-    return "\n".join(lines)
+        rows.append([
+            name, s["flow"], s["flow_length"], epochs, _fmt(s["train_neg_elbo"]),
+            _fmt(s.get("test_neg_elbo_mean")), iwae, _fmt(s.get("test_neg_elbo_per_step"), 4),
+            _fmt(s.get("test_neg_iwae_per_step"), 4), _fmt(s["kl"]), _fmt(s["sum_log_det"]),
+            _fmt(s.get("psis_khat")), psis_iwae, psis_ess, _fmt(s["train_time_s"], 0),
+        ])
+    return markdown_table(
+        ["run", "flow", "K", "epochs", "train -ELBO", "test -ELBO", "test -IWAE (S)",
+         "test -ELBO / step", "test -IWAE / step", "KL", "Σ log-det", "PSIS k̂ (joint)",
+         "PSIS -IWAE (S)", "PSIS ESS (joint)", "train time (s)"], rows)
 
 
 def _feature_names(n_features: int) -> list[str]:

@@ -5,7 +5,7 @@ The summer school published three files of 500 points each (``two_moons.csv``, `
 ``boomerang.csv``, header ``feature_1,feature_2``) without the code that drew them. The
 generators here have the parameters those files are consistent with (least-squares fits of the
 published points; ``tests/test_toy2d.py`` checks each generator against its file with a
-two-sample energy-distance test):
+two-sample maximum-mean-discrepancy test):
 
 - ``two_moons``: two interleaved half circles, :math:`(\\cos s, \\sin s)` and
   :math:`(1 - \\cos s, 1/2 - \\sin s)` for :math:`s \\sim U(0, \\pi)`, plus
@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from ..validation import check_positive_int
 
 __all__ = [
     "two_moons",
@@ -55,11 +57,6 @@ def _generator(seed: int | None) -> torch.Generator | None:
     return None if seed is None else torch.Generator().manual_seed(seed)
 
 
-def _check_n(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-
-
 def two_moons(
     n: int = PUBLISHED_SIZE,
     *,
@@ -68,7 +65,7 @@ def two_moons(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``n`` points on two interleaved half circles with Gaussian noise of sd ``noise``."""
-    _check_n(n)
+    check_positive_int("n", n)
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise!r}")
     generator = _generator(seed)
@@ -90,7 +87,7 @@ def two_blobs(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The first ``n // 2`` points from N((c, -c), sd² I), the rest from N((-c, c), sd² I)."""
-    _check_n(n)
+    check_positive_int("n", n)
     if sd < 0:
         raise ValueError(f"sd must be >= 0, got {sd!r}")
     generator = _generator(seed)
@@ -112,7 +109,7 @@ def boomerang(
 ) -> torch.Tensor:
     """``x2 ~ N(loc, scale²)``, ``x1 = curvature * x2² + N(0, noise²)``: a parabola opening to
     the right (columns ordered as in the published file)."""
-    _check_n(n)
+    check_positive_int("n", n)
     if scale < 0 or noise < 0:
         raise ValueError(f"scale and noise must be >= 0, got {scale!r}, {noise!r}")
     generator = _generator(seed)

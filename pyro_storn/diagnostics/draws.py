@@ -30,6 +30,8 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.poutine.trace_struct import Trace
 from pyro.util import get_rng_state, set_rng_state
 
+from ..validation import check_non_negative_int, check_positive_int
+
 __all__ = ["ImportanceDraws", "SiteDims", "draw_importance_samples", "guess_max_plate_nesting"]
 
 # Name of the outer plate that vectorises the draws. Only its dim matters to the model; the
@@ -373,8 +375,7 @@ def draw_importance_samples(
     Draws use Pyro's RNG: after ``pyro.set_rng_seed(s)`` the ``z`` are those that
     ``psis_diagnostic(model, guide, *args, num_particles=S)`` would see after the same seed.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    check_positive_int("num_samples", num_samples)
     batch = num_samples if particle_batch_size is None else particle_batch_size
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1 or num_samples % batch:
         raise ValueError(
@@ -383,8 +384,7 @@ def draw_importance_samples(
         )
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, *args, **kwargs)
-    if isinstance(max_plate_nesting, bool) or not isinstance(max_plate_nesting, int) or max_plate_nesting < 0:
-        raise ValueError(f"max_plate_nesting must be a non-negative int, got {max_plate_nesting!r}")
+    check_non_negative_int("max_plate_nesting", max_plate_nesting)
 
     def resolve_item_plate(model_trace: Trace, guide_trace: Trace) -> str | None:
         if not find_item_plate:
