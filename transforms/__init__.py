@@ -11,6 +11,7 @@
 # Importing a flow family's module registers it.
 from . import (  # noqa: F401
     autoregressive,
+    block_autoregressive,
     cnf,
     conv_planar,
     coupling,

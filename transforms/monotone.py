@@ -41,10 +41,10 @@ _MAX_STEPS = {torch.float16: 32, torch.bfloat16: 32, torch.float32: 64, torch.fl
 
 # Under torch.jit.trace no step can stop early, and the trace's size (its compile time, ~0.5 s a
 # step for a 2-D NAF under JitTrace_ELBO) grows with every step: there the bracket is cut into
-# _TRACED_CUTS pieces per round, all evaluated at once (6 bits a round), for the 46 (float32) or
+# _TRACED_CUTS pieces per round, all evaluated at once (8 bits a round), for the 46 (float32) or
 # 104 (float64) bits from the widest bracket to 4 ulps, then _TRACED_NEWTON Newton steps polish.
-_TRACED_CUTS = 64
-_TRACED_ROUNDS = {torch.float16: 4, torch.bfloat16: 4, torch.float32: 8, torch.float64: 18}
+_TRACED_CUTS = 256
+_TRACED_ROUNDS = {torch.float16: 3, torch.bfloat16: 3, torch.float32: 6, torch.float64: 13}
 _TRACED_NEWTON = 2
 
 ValueAndSlope = Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
