@@ -1,9 +1,15 @@
 """``pyro-storn``: simulate the pendulum, train / evaluate / diagnose STORN, generate, report.
 
 Every subcommand has ``--help``. Bad input exits 2 with one line on stderr and writes nothing:
-all arguments and the data are validated before any file or directory is created. The work is
+all arguments, the data and every output place (writable, no file replaced without ``--force``)
+are checked before any file or directory is created and before the expensive work. The work is
 done by library functions (:mod:`pyro_storn.runs`, :mod:`pyro_storn.report`), which the demo and
-the examples call too.
+the examples call too; a run directory's identity, lock and recovery are
+:mod:`pyro_storn.rundir`'s.
+
+Exit codes: 0 done; 1 training stopped on a non-finite loss (the last good checkpoint kept);
+2 bad input, one line on stderr; 130 interrupted (Ctrl-C; a training run leaves a checkpoint
+to ``--resume``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,17 @@ __all__ = ["main", "build_parser"]
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 1
 EXIT_INTERRUPTED = 130
+# What diagnose writes into its --out (pyro_storn.diagnostics.write_diagnostics).
+DIAGNOSE_FILES = ("inference_data.nc", "importance.json", "khat.png", "log_weights.png",
+                  "pair.png")
+GENERATION_FIGURE = Path("figures") / "generation.png"
+# What the report reads of a run's evaluation.json (pyro_storn.report.run_summary).
+REPORT_EVALUATION_KEYS = ("neg_elbo_mean", "neg_elbo_sd", "neg_iwae_mean", "neg_iwae_sd",
+                          "neg_elbo_per_step", "neg_iwae_per_step", "num_samples")
+REPORT_PSIS_KEYS = ("num_samples", "khat", "ess", "iwae")
+# The figures the report writes beside it (pyro_storn.report.write_report): for all runs, per run.
+REPORT_FIGURES = ("losses.png", "flow_terms.png")
+REPORT_RUN_FIGURES = ("khat", "generation")
 
 
 class _InputError(Exception):
@@ -107,6 +124,11 @@ def _particle_batch_option(parser: argparse.ArgumentParser, samples_flag: str) -
                         f"<= {ROWS_PER_PASS})")
 
 
+def _force_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help=f"replace {what} files that exist (default: refuse, change nothing)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyro-storn", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -119,10 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-steps", type=_positive_int, default=100)
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--with-action", action="store_true", help="add the torque as a last feature")
+    _force_option(p, "--out")
 
     import transforms
 
-    from .runs import FLOW_STARTS
+    from .runs import FLOW_STARTS, GENERATED_NAME
     from .storn import EMISSIONS, ENCODERS
 
     flows = ["none"] + transforms.available()
@@ -133,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".npz with x (N, T, D) [, mask, x_test], or a polyphonic pickle in Pyro's "
                    "format (e.g. jsb_chorales.pickle: its train / valid / test splits are used "
                    "as they are, valid for best.pt; read safely, never a plain pickle.load)")
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--out", required=True,
+                   help="run directory: new, empty, or left by a run that stopped before its "
+                   "first checkpoint (started over); locked while training, so a second "
+                   "process is refused")
     p.add_argument("--flow", default="none", help=f"flow guide: {', '.join(flows)}")
     p.add_argument("--flow-length", type=_non_negative_int, default=None,
                    help="flow layers K (default 0 without a flow, 4 with one)")
@@ -183,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the train / validation / test splits every this many epochs (and "
                    "after the last); best.pt is chosen among those epochs")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out (its stored settings; --epochs is the total)")
+                   help="continue the run in --out (its stored settings; --epochs is the total) "
+                   "on the same data (checked by digest)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel training (DDP) on the process group torchrun starts, e.g. "
@@ -196,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "importance diagnostics of the guide on the test split: Pareto k-hat per "
                        "sequence and joint (above 0.7 the guide's importance weights are "
                        "unreliable), the IWAE bound and the importance-weight ESS. Writes "
-                       "evaluation.json (the diagnostics under \"psis\") into the run directory.")
+                       "evaluation.json (the diagnostics under \"psis\") into the run directory, "
+                       "replacing the run's previous evaluation.")
     p.add_argument("run_dir")
     p.add_argument("--samples", type=_positive_int, default=100, help="importance samples S")
     p.add_argument("--psis-samples", type=_positive_int, default=100,
@@ -221,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draws S per test sequence (>= 2; default: 100)")
     _particle_batch_option(p, "--num-samples")
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/diagnostics)")
+    _force_option(p, "the output")
     _checkpoint_option(p)
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: the training device)")
@@ -234,39 +263,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_positive_int, default=5, help="generations per sequence")
     _checkpoint_option(p)
     p.add_argument("--seed", type=_non_negative_int, default=0)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the training device)")
+    _force_option(p, f"RUN_DIR/{GENERATED_NAME} and RUN_DIR/{GENERATION_FIGURE}")
 
     p = sub.add_parser("report", help="Markdown report with a metrics table and figures",
                        description="Write report.md (and figures/) over one or more runs.")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default=None, help="report file (default RUN_DIR/report.md)")
+    _force_option(p, "the report")
     return parser
 
 
 def _check_device(device: str | None) -> None:
-    import torch
+    from .rundir import check_device
 
+    if device is not None:
+        check_device(device, "--device")
+
+
+def _run_record(run_dir: str, device: str | None) -> dict:
+    """The run's config.json (missing keys named), and the device it will run on checked."""
+    from .rundir import check_device, read_run_record
+
+    record = read_run_record(run_dir)
     if device is None:
-        return
-    if device.split(":")[0] not in ("cpu", "cuda"):
-        raise _InputError(f"--device must be cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise _InputError(f"--device {device!r} requested but CUDA is not available")
+        device = str(record["config"]["device"])  # the training device, unless --device
+        check_device(device, "the run's device (config.json; override with --device)")
+    else:
+        check_device(device, "--device")
+    return record
 
 
 def _simulate(args: argparse.Namespace) -> None:
-    from .data.pendulum import PendulumParams, load_or_simulate
+    from .data.pendulum import PendulumParams, save_split
+    from .rundir import check_output_file
 
     if not args.out.endswith(".npz"):
         raise _InputError(f"--out must end in .npz, got {args.out!r}")
+    check_output_file(args.out, "--out", force=args.force)
     params = PendulumParams(args.n_sequences, args.n_steps, args.seed, args.with_action)
-    x_train, x_test = load_or_simulate(args.out, params)
+    x_train, x_test = save_split(args.out, params)
     print(f"wrote {args.out}: x {x_train.shape}, x_test {x_test.shape}")
 
 
+def _check_train_out(out: Path, resume: bool) -> None:
+    """What --out holds allows this run: for --resume a trained run, else nothing or what a run
+    left before its first checkpoint. Writes nothing."""
+    from .rundir import check_writable_dir, run_contents
+
+    if out.exists() and not out.is_dir():
+        raise _InputError(f"--out {str(out)!r} is a file, not a directory")
+    check_writable_dir(out, "--out")
+    contents = run_contents(out)
+    if resume:
+        if not contents.trained:
+            hint = (" (the run there stopped before its first checkpoint; train without "
+                    "--resume to start over)" if contents.left_before_checkpoint else "")
+            raise _InputError(f"--resume: no checkpoint in {str(out)!r} to resume from{hint}")
+    elif not (contents.empty or contents.left_before_checkpoint):
+        held = ", ".join((*(("a trained run",) if contents.trained else ()), *contents.other))
+        raise _InputError(f"--out {str(out)!r} exists and is not empty ({held}); use --resume "
+                          "or a new directory")
+
+
 def _train(args: argparse.Namespace) -> int:
-    from .runs import CONFIG_NAME, TrainConfig, load_training_data, train
-    from .training import CHECKPOINT_NAME, NonFiniteLossError
+    from contextlib import nullcontext
+
+    from .distributed import process_rank
+    from .rundir import check_same_data, lock_run, read_run_record, run_contents, start_over
+    from .runs import TrainConfig, load_run, load_training_data, train
+    from .training import NonFiniteLossError, read_metrics
 
     length = args.flow_length if args.flow_length is not None else (0 if args.flow == "none"
                                                                     else 4)
@@ -280,30 +346,41 @@ def _train(args: argparse.Namespace) -> int:
         encoder=args.encoder, weight_decay=args.weight_decay, lr_decay=args.lr_decay,
         adam_beta1=args.adam_beta1, metrics_every=args.metrics_every,
     )
+    _check_device(args.device)
     config.validate()
-    data = load_training_data(args.data)
+    if args.init_from is not None:
+        read_run_record(args.init_from)  # a broken source is named before any work
     out = Path(args.out)
-    has_checkpoint = (out / CHECKPOINT_NAME).exists() or (out / f"{CHECKPOINT_NAME}.prev").exists()
-    if args.resume and not ((out / CONFIG_NAME).exists() and has_checkpoint):
-        raise _InputError(f"--resume: no checkpoint in {args.out!r} to resume from")
-    if not args.resume and out.exists() and any(out.iterdir()):
-        raise _InputError(f"--out {args.out!r} exists and is not empty; use --resume or a new "
-                          "directory")
-    if out.exists() and not out.is_dir():
-        raise _InputError(f"--out {args.out!r} is not a directory")
-    try:
-        result = train(data, out, config, data_path=args.data, resume=args.resume,
-                       progress=not args.quiet, distributed=args.distributed)
-    except NonFiniteLossError as error:
-        print(f"pyro-storn train: {error}", file=sys.stderr)
-        return EXIT_TRAINING_FAILED
+    primary = process_rank() == 0  # under torchrun rank 0 owns the directory
+    if primary:
+        _check_train_out(out, args.resume)
+    data = load_training_data(args.data)
+    if args.resume and primary:  # what resuming reads, read now: a refusal rewrites nothing
+        check_same_data(read_run_record(out)["data"], data, args.data, out)
+        read_metrics(out)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback to .prev is reported by the run
+            load_run(out, device="cpu", checkpoint="last")  # readable, and of this model's size
+    with lock_run(out) if primary else nullcontext():
+        if primary:
+            _check_train_out(out, args.resume)  # again, now that no other process can change it
+            contents = run_contents(out)
+            if not args.resume and contents.left_before_checkpoint:
+                removed = start_over(out, contents)
+                print(f"pyro-storn train: starting over in {str(out)!r}: the run there stopped "
+                      f"before its first checkpoint (removed {', '.join(removed)})",
+                      file=sys.stderr)
+        try:
+            result = train(data, out, config, data_path=args.data, resume=args.resume,
+                           progress=not args.quiet, distributed=args.distributed)
+        except NonFiniteLossError as error:
+            print(f"pyro-storn train: {error}", file=sys.stderr)
+            return EXIT_TRAINING_FAILED
     if result.interrupted:
         print(f"interrupted after {result.epochs_completed} epoch(s); checkpoint "
               f"{result.checkpoint}; continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    from .distributed import process_rank
-
-    if process_rank() != 0:
+    if not primary:
         return 0  # rank 0 reports
     last = result.history[-1] if result.history else {}
     print(f"trained {args.out}: {result.epochs_completed} epochs, test -ELBO "
@@ -327,8 +404,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .diagnostics import ImportanceSummary
     from .runs import evaluate_run
 
-    _check_device(args.device)
     _check_draws(args.psis_samples, args.particle_batch_size, "--psis-samples")
+    _run_record(args.run_dir, args.device)
     result = evaluate_run(args.run_dir, num_samples=args.samples, seed=args.seed,
                           device=args.device, psis_samples=args.psis_samples,
                           particle_batch_size=args.particle_batch_size, checkpoint=args.checkpoint)
@@ -342,11 +419,14 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _diagnose(args: argparse.Namespace) -> None:
-    from .runs import diagnose_run
+    from .rundir import check_output_dir
+    from .runs import DIAGNOSTICS_DIR, diagnose_run
 
-    _check_device(args.device)
     _check_draws(args.num_samples, args.particle_batch_size, "--num-samples")
-    paths = diagnose_run(args.run_dir, args.out, num_samples=args.num_samples,
+    _run_record(args.run_dir, args.device)
+    out = args.out if args.out is not None else str(Path(args.run_dir) / DIAGNOSTICS_DIR)
+    check_output_dir(out, "--out", DIAGNOSE_FILES, force=args.force)
+    paths = diagnose_run(args.run_dir, out, num_samples=args.num_samples,
                          particle_batch_size=args.particle_batch_size, seed=args.seed,
                          device=args.device, checkpoint=args.checkpoint)
     print(f"wrote {', '.join(str(path) for path in paths.values())}")
@@ -355,28 +435,62 @@ def _diagnose(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from .plots import plot_generation
     from .report import _feature_names
-    from .runs import generate_run
+    from .rundir import check_output_file
+    from .runs import GENERATED_NAME, generate_run
 
-    _check_device(args.device)
+    _run_record(args.run_dir, args.device)
+    run_dir = Path(args.run_dir)
+    for path in (run_dir / GENERATED_NAME, run_dir / GENERATION_FIGURE):
+        check_output_file(path, "output", force=args.force)
     out = generate_run(args.run_dir, n_prefix=args.prefix, n_sequences=args.sequences,
                        num_samples=args.samples, seed=args.seed, device=args.device,
                        checkpoint=args.checkpoint)
     figure = plot_generation(out["actual"][0], out["generated"][:, 0], args.prefix,
-                             _feature_names(out["actual"].shape[-1]),
-                             Path(args.run_dir) / "figures" / "generation.png")
-    print(f"wrote {Path(args.run_dir) / 'generated.npz'} and {figure}")
+                             _feature_names(out["actual"].shape[-1]), run_dir / GENERATION_FIGURE)
+    print(f"wrote {run_dir / GENERATED_NAME} and {figure}")
+
+
+def _check_evaluation(run_dir: str) -> None:
+    """The run's evaluation.json, when there is one, readable and with what the report reads."""
+    from .rundir import read_json
+    from .runs import EVALUATION_NAME
+
+    path = Path(run_dir) / EVALUATION_NAME
+    if not path.exists():
+        return
+    evaluation = read_json(path)
+    psis = evaluation.get("psis") if isinstance(evaluation, dict) else None
+    required = [(evaluation, key, "") for key in REPORT_EVALUATION_KEYS]
+    if psis is not None:
+        required += [(evaluation, "n_sequences", "")]
+        required += [(psis, key, "psis.") for key in REPORT_PSIS_KEYS]
+    for values, key, prefix in required:
+        if not isinstance(values, dict) or key not in values:
+            raise _InputError(f"{path}: missing key {prefix}{key}")
 
 
 def _report(args: argparse.Namespace) -> None:
     from .report import run_summary, write_report
+    from .rundir import check_output_dir, check_output_file, read_run_record
 
     names = {}
-    for run_dir in args.run_dirs:
-        run_summary(run_dir)  # validates every run before writing anything
+    for run_dir in args.run_dirs:  # every run is read before anything is written
+        read_run_record(run_dir)
+        _check_evaluation(run_dir)
+        try:
+            run_summary(run_dir)
+        except KeyError as error:
+            raise _InputError(f"{run_dir}: a record lacks key {error} (config.json, "
+                              "metrics.jsonl or evaluation.json)") from None
         names[Path(run_dir).resolve().name or run_dir] = run_dir
     out = args.out or str(Path(args.run_dirs[0]) / "report.md")
     if not out.endswith(".md"):
         raise _InputError(f"--out must end in .md, got {out!r}")
+    check_output_file(out, "--out", force=args.force)
+    figures = [*REPORT_FIGURES, *(f"{kind}_{name}.png" for kind in REPORT_RUN_FIGURES
+                                  for name in names)]
+    check_output_dir(Path(out).parent / "figures", "--out: figures directory", figures,
+                     force=args.force)
     path = write_report(names, out)
     print(f"wrote {path}")
 
@@ -393,6 +507,14 @@ def _one_line_warnings(command: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # also while the heavy modules are still being imported
+        print("pyro-storn: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     command = {"simulate": _simulate, "train": _train, "evaluate": _evaluate,
                "diagnose": _diagnose, "generate": _generate, "report": _report}[args.command]
@@ -403,6 +525,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (_InputError, ValueError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"pyro-storn {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as error:  # a disk that fills up, a permission the checks could not foresee
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"pyro-storn {args.command}: error: {where}{error.strerror or error}",
+              file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"pyro-storn {args.command}: interrupted", file=sys.stderr)

@@ -11,10 +11,10 @@ is held out for validation (the state at the epoch of lowest validation -ELBO), 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,12 @@ import torch
 
 import transforms
 
-from .checkpoint import load_checkpoint
 from .data.polyphonic import load_polyphonic
 from .data.sequences import SequenceData, load_sequences
+from .rundir import CONFIG_NAME, arrays_sha256, atomic_write, check_device, check_output_dir
+from .rundir import check_same_data
+from .rundir import check_writable_dir, file_sha256, load_best_or_last, load_module_state
+from .rundir import lock_run, read_run_record, write_text_atomic
 from .diagnostics import ImportanceDraws, draw_importance_samples, summarize_importance
 from .diagnostics import write_diagnostics
 from .evaluation import bounds_summary, evaluate_bounds, sequence_metrics
@@ -54,7 +57,6 @@ __all__ = [
     "STORN_DIMS",
 ]
 
-CONFIG_NAME = "config.json"
 # The first byte of a pickle of protocol 2 and later: how a polyphonic pickle is told from an npz.
 PICKLE_PROTOCOL_OPCODE = b"\x80"
 EVALUATION_NAME = "evaluation.json"
@@ -158,11 +160,7 @@ class TrainConfig:
                                  f"{self.flow_length}")
         elif self.flow_length != 0:
             raise ValueError(f"flow_length {self.flow_length} given without a flow (--flow)")
-        device = str(self.device)
-        if device.split(":")[0] not in ("cpu", "cuda"):
-            raise ValueError(f"device must be cpu or cuda, got {device!r}")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        check_device(str(self.device))  # e.g. cpu:foo, or CUDA absent: named here, not by torch
         return self
 
     @classmethod
@@ -200,12 +198,7 @@ def _make_loss(config: TrainConfig) -> pyro.infer.ELBO:
     return elbo(num_particles=config.num_particles, max_plate_nesting=1)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+_sha256 = file_sha256
 
 
 def _tensors(data: SequenceData) -> tuple[torch.Tensor, ...]:
@@ -239,6 +232,7 @@ def run_record(
         "data": {
             "path": None if data_path is None else str(Path(data_path).resolve()),
             "sha256": None if data_path is None else _sha256(Path(data_path)),
+            "arrays_sha256": arrays_sha256(data),  # the identity a resume checks
             "n_train": int(data.x.shape[0]), "n_validation": n_validation,
             "n_test": int(data.x_test.shape[0]),
             "n_steps": int(data.x.shape[1]), "input_dim": data.input_dim,
@@ -304,12 +298,14 @@ def train(
     """
     run_dir = Path(run_dir)
     if resume:
-        stored = json.loads((run_dir / CONFIG_NAME).read_text())
+        stored = read_run_config(run_dir)
+        check_same_data(stored["data"], data, data_path, run_dir)  # before anything is rewritten
         config = TrainConfig.from_dict({**stored["config"], "epochs": config.epochs})
     config.validate()
     example_noise = distributed if example_noise is None else example_noise
     env = init_distributed(config.device) if distributed else DistributedEnv(
         device=torch.device(config.device))
+    held = ExitStack()  # the run directory's lock, rank 0's while it trains
     try:
         x, mask, x_test, mask_test = _tensors(data)
         if data.x_valid is not None and config.validation_fraction:
@@ -330,7 +326,7 @@ def train(
         storn.to(env.device)
         env.barrier()  # every rank has read the run directory before rank 0 writes to it
         if env.is_primary:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            held.enter_context(lock_run(run_dir))  # creates run_dir; refuses a second trainer
             record = run_record(config, storn, data, data_path)
             if init is not None:
                 record["init_from"] = init
@@ -343,7 +339,7 @@ def train(
                     "example_noise": example_noise,
                     "backend": torch.distributed.get_backend() if env.world_size > 1 else None,
                 }
-            (run_dir / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+            write_text_atomic(run_dir / CONFIG_NAME, json.dumps(record, indent=2) + "\n")
 
         def before_epoch(epoch: int) -> None:
             if config.kl_anneal_epochs:
@@ -374,14 +370,13 @@ def train(
             keep_best=VALIDATION_METRIC if len(x_validation) else None,
         )
     finally:
+        held.close()
         env.close()
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(run_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise ValueError(f"{str(run_dir)!r} is not a run directory (no {CONFIG_NAME})")
-    return json.loads(path.read_text())
+    """``config.json`` (:func:`~pyro_storn.rundir.read_run_record`: the file named on errors)."""
+    return read_run_record(run_dir)
 
 
 def _stored(path: Path) -> bool:
@@ -403,12 +398,16 @@ def load_run(
     last, best = Path(run_dir) / CHECKPOINT_NAME, Path(run_dir) / BEST_NAME
     if not _stored(last):
         raise ValueError(f"{str(run_dir)!r} has no checkpoint yet (train it first)")
-    which = "best" if checkpoint == "best" and _stored(best) else "last"
-    state = load_checkpoint(best if which == "best" else last, map_location="cpu")
+    # an unreadable best.pt falls back to checkpoint.pt, with a warning
+    state, which = load_best_or_last(best, last, checkpoint == "best" and _stored(best))
     device = device or record["config"]["device"]
     model_args = dict(record["model"])
-    storn = STORN(**model_args)
-    storn.load_state_dict(state["module"])
+    try:
+        storn = STORN(**model_args)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{Path(run_dir) / CONFIG_NAME}: its model does not describe a STORN "
+                         f"({str(error).splitlines()[0]})") from None
+    load_module_state(storn, state["module"], best if which == "best" else last)
     record["checkpoint"] = {"which": which, "epoch": int(state["epoch"])}
     return storn.to(device).eval(), record
 
@@ -505,6 +504,7 @@ def evaluate_run(
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     if psis_samples is not None:
         _check_draw_sizes(psis_samples, particle_batch_size, "psis_samples")
+    check_writable_dir(run_dir, "run directory")  # evaluation.json goes there: fail before work
     storn, record = load_run(run_dir, device, checkpoint)
     # A checkpoint taken during KL annealing may carry kl_weight < 1, which would scale log q
     # and log p(z) inside the importance weights: evaluate the model itself.
@@ -526,7 +526,7 @@ def evaluate_run(
     if importance is not None:
         summary["psis"] = importance.to_dict()
     summary["checkpoint"] = record["checkpoint"]
-    (Path(run_dir) / EVALUATION_NAME).write_text(json.dumps(summary) + "\n")
+    write_text_atomic(Path(run_dir) / EVALUATION_NAME, json.dumps(summary) + "\n")
     return summary
 
 
@@ -547,12 +547,11 @@ def diagnose_run(
     Returns ``{kind: path}``. Everything is checked before ``out_dir`` is created.
     ``checkpoint``: which state, as in :func:`load_run`."""
     _check_draw_sizes(num_samples, particle_batch_size, "num_samples")
+    out_dir = Path(run_dir) / DIAGNOSTICS_DIR if out_dir is None else Path(out_dir)
+    check_output_dir(out_dir, "output", force=True)  # a file, or not writable: before any work
     storn, record = load_run(run_dir, device, checkpoint)
     storn.kl_weight = 1.0  # as in evaluate_run: the model's own weights, not annealed ones
     data = load_run_data(record)
-    out_dir = Path(run_dir) / DIAGNOSTICS_DIR if out_dir is None else Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"output {str(out_dir)!r} exists and is not a directory")
     x_test, mask_test = _test_split(storn, data)
     batch = particle_batch_size or default_particle_batch_size(num_samples, x_test.shape[0])
     pyro.set_rng_seed(seed)
@@ -574,16 +573,29 @@ def generate_run(
     """Observe the first ``n_prefix`` steps of the first ``n_sequences`` test sequences and
     generate the rest ``num_samples`` times; writes ``generated.npz`` (``actual`` (B, T, D),
     ``generated`` (S, B, T, D), ``mask``, ``n_prefix``). ``checkpoint`` as in :func:`load_run`."""
+    check_writable_dir(run_dir, "run directory")  # generated.npz goes there
     storn, record = load_run(run_dir, device, checkpoint)
     data = load_run_data(record)
     n_steps = data.x_test.shape[1]
     if not 1 <= n_prefix < n_steps:
         raise ValueError(f"prefix length must be in [1, {n_steps - 1}], got {n_prefix}")
+    unobserved = ~data.mask_test[:n_sequences, :n_prefix]
+    if unobserved.any():  # the decoder would start from values the data do not have
+        sequence, step = (int(i) for i in np.argwhere(unobserved)[0])
+        advice = f"use a prefix of at most {step} step(s)" if step else "it has no observed start"
+        raise ValueError(f"prefix of {n_prefix} step(s): test sequence {sequence} is not "
+                         f"observed at step {step} (mask 0); {advice}")
     actual = torch.from_numpy(data.x_test[:n_sequences])
     pyro.set_rng_seed(seed)
     generated = storn.generate(actual[:, :n_prefix].to(storn.data_loc.device), n_steps,
                                num_samples=num_samples)
+    finite = torch.isfinite(generated)
+    if not bool(finite.all()):
+        index = tuple(int(i) for i in (~finite).nonzero()[0])
+        raise ValueError(f"the generated sequences hold a non-finite value "
+                         f"({float(generated[index])} at (sample, sequence, step, feature) "
+                         f"{index}); nothing written")
     out = {"actual": actual.numpy(), "generated": generated.cpu().numpy(),
            "mask": data.mask_test[:n_sequences], "n_prefix": np.array(n_prefix)}
-    np.savez(Path(run_dir) / GENERATED_NAME, **out)
+    atomic_write(Path(run_dir) / GENERATED_NAME, lambda handle: np.savez(handle, **out))
     return out

@@ -36,6 +36,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +48,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, previous_path, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CheckpointError, load_checkpoint, previous_path, rng_state
+from .checkpoint import save_checkpoint, set_rng_state
 from .distributed import DistributedEnv, ProgramModule, all_reduce_sum, replica_divergence
+from .rundir import load_module_state
 from .validation import check_positive_int
 
 __all__ = [
@@ -394,7 +397,7 @@ def fit(
             raise ValueError(
                 f"{checkpoint_path} was written mid-epoch by {state.get('world_size', 1)} "
                 f"process(es); it resumes only with that many, this run has {env.world_size}")
-        module.load_state_dict(state["module"])
+        load_module_state(module, state["module"], checkpoint_path)  # another size: one line
         adam.load_state_dict(_optimizer_state(state, module, adam))
         start_epoch, start_batch = state["epoch"], state["batch"]
         step, train_seconds = state.get("step", 0), state.get("train_seconds", 0.0)
@@ -427,8 +430,12 @@ def fit(
     best_epoch, best_value = None, math.inf
     if keep_best is not None and resume and best_path.exists():
         # epochs after the checkpoint run again identically, so the stored best stands
-        best = load_checkpoint(best_path, map_location="cpu")
-        best_epoch, best_value = best["epoch"], best["value"]
+        try:
+            best = load_checkpoint(best_path, map_location="cpu")
+            best_epoch, best_value = best["epoch"], best["value"]
+        except CheckpointError as error:  # the run goes on; only the earlier best is lost
+            warnings.warn(f"{error}; {BEST_NAME} will hold the best state from epoch "
+                          f"{start_epoch + 1} on", stacklevel=2)
     elif writes and not resume:
         for stale in (best_path, previous_path(best_path)):  # another run's best, not this one's
             stale.unlink(missing_ok=True)

@@ -4,10 +4,7 @@ silently). Real ``pyro-storn`` subprocesses."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import time
 import warnings
 
@@ -15,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_processes import TIMEOUT_S, cli, cli_env, running, sigkill, wait_for
 from pyro_storn.checkpoint import load_checkpoint, previous_path
 from pyro_storn.cli import main
 from pyro_storn.data.sequences import load_sequences
@@ -22,19 +20,6 @@ from pyro_storn.runs import TrainConfig, train
 from pyro_storn.training import CHECKPOINT_NAME, read_metrics
 
 TINY = ["--hidden-dim", "6", "--latent-dim", "2", "--batch-size", "4", "--seed", "2", "--quiet"]
-TIMEOUT_S = 240  # a loaded 2-core machine needs ~8 s to start one process
-POLL_S = 0.01
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(name, None)
-    return env
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pyro_storn.cli", *map(str, args)]
 
 
 @pytest.fixture(scope="module")
@@ -68,22 +53,11 @@ def test_sigkill_mid_run_then_resume_loses_only_the_epochs_since_the_checkpoint(
     epochs, run = 15, tmp_path / "run"
     args = ("train", "--data", pendulum, "--out", run, "--epochs", epochs,
             "--checkpoint-every", "1", *TINY)
-    process = subprocess.Popen(_cli(*args), env=_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not (run / CHECKPOINT_NAME).exists():
-            assert process.poll() is None, process.stderr.read().decode()
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(POLL_S)
+    with running(*args) as process:
+        wait_for(run / CHECKPOINT_NAME, process)
         time.sleep(0.05)  # into the next epoch
         assert process.poll() is None, "the run finished before it could be killed"
-        process.send_signal(signal.SIGKILL)
-        assert process.wait(timeout=TIMEOUT_S) == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.stderr.close()
+        sigkill(process)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a kill during a write falls back to .prev: fine here
@@ -91,9 +65,9 @@ def test_sigkill_mid_run_then_resume_loses_only_the_epochs_since_the_checkpoint(
     before = read_metrics(run)
     assert 1 <= saved_epoch < epochs and saved_epoch <= len(before) <= saved_epoch + 1
 
-    done = subprocess.run(_cli("train", "--data", pendulum, "--out", run, "--epochs", epochs,
+    done = subprocess.run(cli("train", "--data", pendulum, "--out", run, "--epochs", epochs,
                                "--resume", "--quiet"),
-                          env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+                          env=cli_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr
     assert f"{epochs} epochs" in done.stdout
     after = read_metrics(run)
@@ -139,9 +113,9 @@ def test_truncated_checkpoint_is_reported_and_the_previous_one_used(tmp_path, pe
     run = tmp_path / "run"
     history = _two_epoch_run(pendulum, run)
     _truncate(run / CHECKPOINT_NAME)
-    done = subprocess.run(_cli("train", "--data", pendulum, "--out", run, "--epochs", "3",
+    done = subprocess.run(cli("train", "--data", pendulum, "--out", run, "--epochs", "3",
                                "--resume", "--quiet"),
-                          env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+                          env=cli_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr
     line = _resume_warning(done.stderr, run)
     assert "sha256 mismatch" in line or "truncated" in line

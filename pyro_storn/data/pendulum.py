@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..rundir import atomic_write
+
 __all__ = [
     "FEATURES",
     "PendulumParams",
@@ -161,14 +163,12 @@ def _read_params(path: Path) -> dict | None:
 
 def save_split(path: str | os.PathLike, params: PendulumParams) -> tuple[np.ndarray, np.ndarray]:
     """Simulate, split and write ``x`` (train), ``x_test`` and ``params`` (JSON) to ``path``
-    atomically; returns ``(x_train, x_test)``."""
+    atomically (a failure leaves the old file, if any, and no temporary one); returns
+    ``(x_train, x_test)``."""
     x = simulate(params.n_sequences, params.n_steps, params.seed, params.with_action)
     x_train, x_test = split_train_test(x, params.test_fraction)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, x=x_train, x_test=x_test, params=np.array(json.dumps(asdict(params))))
-    os.replace(tmp, path)
+    arrays = {"x": x_train, "x_test": x_test, "params": np.array(json.dumps(asdict(params)))}
+    atomic_write(path, lambda handle: np.savez(handle, **arrays))
     return x_train, x_test
 
 

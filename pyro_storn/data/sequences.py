@@ -6,7 +6,8 @@ the real steps of ragged sequences (1/True = observed); values under a 0 may be 
 NaN included, since the model never reads them.
 
 Every check raises ``ValueError`` naming the array, its shape and the first bad index, so the CLI
-can print one line and exit 2 before it writes anything.
+can print one line and exit 2 before it writes anything. That includes finite values too large
+for float32 training (:func:`check_training_scale`): x = 1e30 is finite, but its variance is not.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import numpy as np
 
 from .pendulum import TEST_FRACTION, split_train_test
 
-__all__ = ["SequenceData", "validate_sequences", "load_sequences"]
+__all__ = ["SequenceData", "validate_sequences", "check_training_scale", "load_sequences"]
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# The loss sums squared standardised values over a batch of sequences and scales them: a sum of
+# squares must stay this far below float32's largest value for the float32 loss to stay finite.
+SCALE_HEADROOM = 1e6
+# The first bytes of every .npz: a zip archive's local-file header (or, empty, its end record).
+ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
 
 
 @dataclass
@@ -61,6 +69,8 @@ def validate_sequences(
         raise ValueError(f"{name}: expected rank 3 (N, T, D), got shape {x.shape} (rank {x.ndim})")
     if 0 in x.shape:
         raise ValueError(f"{name}: empty array, shape {x.shape}")
+    if x.dtype.kind == "f" and x.dtype.itemsize > 4:
+        _check_float32_range(x, mask, name)
     x = x.astype(np.float32)
     if mask is None:
         mask = np.ones(x.shape[:2], dtype=bool)
@@ -97,11 +107,70 @@ def validate_sequences(
     return x, mask
 
 
+def _check_float32_range(x: np.ndarray, mask: object, name: str) -> None:
+    """Finite values beyond float32's range would become inf when cast: say so, not "inf"."""
+    observed = np.ones(x.shape[:2], dtype=bool) if mask is None or np.shape(mask) != x.shape[:2] \
+        else np.asarray(mask).astype(bool)
+    with np.errstate(invalid="ignore"):
+        bad = np.isfinite(x) & (np.abs(x) > FLOAT32_MAX) & observed[..., None]
+    if bad.any():
+        index = _first_index(bad)
+        raise ValueError(f"{name}: value {x[index]:.6g} at index {index} is beyond float32's "
+                         f"range (±{FLOAT32_MAX:.3g}), shape {x.shape}; rescale the data")
+
+
+def check_training_scale(data: SequenceData) -> None:
+    """``ValueError`` naming the value and its index when training in float32 would overflow:
+    the per-feature variance of the observed training steps (how the model standardises), or
+    a sequence's sum of squared standardised values in any split."""
+    limit = FLOAT32_MAX / SCALE_HEADROOM
+    observed = data.x.astype(np.float64)[data.mask]  # (n_observed, D)
+    loc = observed.mean(0)
+    deviation = observed - loc
+    sum_sq = np.square(deviation).sum(0)
+    for feature in np.flatnonzero(~(sum_sq < limit)):
+        where = np.argwhere(data.mask)[int(np.argmax(np.abs(deviation[:, feature])))]
+        index = (int(where[0]), int(where[1]), int(feature))
+        raise ValueError(
+            f"x: value {data.x[index]:.6g} at index {index} is too large for float32 training: "
+            f"the variance of feature {feature} overflows (sum of squared deviations "
+            f"{sum_sq[feature]:.3g} >= {limit:.3g}); rescale the data")
+    n = observed.shape[0]
+    scale = np.sqrt(sum_sq / (n - 1)) if n > 1 else np.ones_like(loc)
+    scale = np.where(scale > 0, scale, 1.0)
+    splits = [("x", data.x, data.mask), ("x_test", data.x_test, data.mask_test)]
+    if data.x_valid is not None:
+        splits.append(("x_valid", data.x_valid, data.mask_valid))
+    for name, x, mask in splits:
+        z = np.where(mask[..., None], (x.astype(np.float64) - loc) / scale, 0.0)
+        per_sequence = np.square(z).sum((1, 2))
+        bad = ~(per_sequence < limit)
+        if bad.any():
+            sequence = int(np.argmax(bad))
+            step, feature = np.unravel_index(int(np.argmax(np.abs(z[sequence]))), z.shape[1:])
+            index = (sequence, int(step), int(feature))
+            raise ValueError(
+                f"{name}: value {x[index]:.6g} at index {index} is too large for float32 "
+                f"training: standardised by the training data's mean {loc[feature]:.3g} and "
+                f"std {scale[feature]:.3g} it is {z[index]:.3g}, whose square overflows; "
+                "rescale the data")
+
+
 def load_sequences(path: str | os.PathLike, test_fraction: float = TEST_FRACTION) -> SequenceData:
     """Read and validate an ``.npz`` of sequences (see the module docstring)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"data file {str(path)!r} is a directory, not an .npz file")
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} does not exist")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as error:
+        raise ValueError(f"data file {str(path)!r}: cannot read ({error.strerror})") from None
+    if head not in ZIP_SIGNATURES:
+        raise ValueError(f"data file {str(path)!r} is not a readable .npz: not an npz (zip) "
+                         "file" + (" (it is empty)" if not head else ""))
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
@@ -125,4 +194,6 @@ def load_sequences(path: str | os.PathLike, test_fraction: float = TEST_FRACTION
     else:
         x, x_test = split_train_test(x, test_fraction)
         mask, mask_test = split_train_test(mask, test_fraction)
-    return SequenceData(x=x, mask=mask, x_test=x_test, mask_test=mask_test)
+    data = SequenceData(x=x, mask=mask, x_test=x_test, mask_test=mask_test)
+    check_training_scale(data)
+    return data

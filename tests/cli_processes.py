@@ -1,0 +1,57 @@
+"""Real ``pyro-storn`` processes for the fault tests: the command, an environment of one thread
+outside any torchrun group, and a ``Popen`` that is always reaped."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["TIMEOUT_S", "cli", "cli_env", "running", "sigkill", "wait_for"]
+
+TIMEOUT_S = 240  # a loaded 2-core machine needs ~8 s to start one process
+POLL_S = 0.01
+
+
+def cli_env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
+    return env
+
+
+def cli(*args: object) -> list[str]:
+    return [sys.executable, "-m", "pyro_storn.cli", *map(str, args)]
+
+
+@contextlib.contextmanager
+def running(*args: object, **kwargs) -> Iterator[subprocess.Popen]:
+    """``pyro-storn *args`` started with stderr piped; killed and reaped on the way out."""
+    process = subprocess.Popen(cli(*args), env=cli_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, **kwargs)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=TIMEOUT_S)
+        process.stderr.close()
+
+
+def sigkill(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=TIMEOUT_S) == -signal.SIGKILL
+
+
+def wait_for(path: Path, process: subprocess.Popen) -> None:
+    """Until ``path`` exists; fails with the process's stderr if it exits first."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while not path.exists():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(POLL_S)
