@@ -83,9 +83,14 @@ class MaskedBlockLinear(nn.Module):
         rows, cols = self.out_features // self.dim, self.in_features // self.dim
         return w, log_diagonal.reshape(self.dim, rows, cols)
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, blocks: int | None = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The output and the log diagonal blocks; with ``blocks = n``, those of the first ``n``
+        blocks only, from an input of the first ``n`` blocks (all they read)."""
         w, log_diagonal = self.weights()
-        return F.linear(x, w, self.bias), log_diagonal
+        if blocks is None or blocks == self.dim:
+            return F.linear(x, w, self.bias), log_diagonal
+        rows, cols = blocks * self.out_features // self.dim, blocks * self.in_features // self.dim
+        return F.linear(x, w[:rows, :cols], self.bias[:rows]), log_diagonal[:blocks]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dim={self.dim}"
@@ -187,12 +192,13 @@ class BlockAutoregressive(TransformModule):
             nn.init.normal_(self.gate)
 
     def _network(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(f(x), log df_i/dx_i)``, both ``(..., D)``."""
+        """``(f(x), log df_i/dx_i)``, both ``(..., n)``, for ``x`` holding the first ``n <= D``
+        coordinates (the first ``n`` outputs read no others)."""
         hidden = x
-        log_jacobian = torch.zeros_like(x).unsqueeze(-1)  # (..., D, 1): d x / d x = 1
+        log_jacobian = torch.zeros_like(x).unsqueeze(-1)  # (..., n, 1): d x / d x = 1
         last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
-            pre, log_diagonal = layer(hidden)
+            pre, log_diagonal = layer(hidden, x.size(-1))
             # diagonal blocks compose by matrix products, here in log space (all entries > 0)
             log_jacobian = torch.logsumexp(log_diagonal + log_jacobian.unsqueeze(-2), dim=-1)
             if index == last:
@@ -209,7 +215,7 @@ class BlockAutoregressive(TransformModule):
         return F.logsigmoid(gate), F.logsigmoid(-gate)
 
     def _map(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(y, log dy_i/dx_i)`` at ``x``."""
+        """``(y, log dy_i/dx_i)`` at ``x`` (the first ``n <= D`` coordinates, as :meth:`_network`)."""
         f, log_df = self._network(x)
         weights = self._residual_weights()
         if weights is None:
@@ -238,9 +244,14 @@ class BlockAutoregressive(TransformModule):
 
         def update(solution: torch.Tensor, index: int) -> torch.Tensor:
             target = y[..., index]
+            # Coordinate i reads the first i + 1 blocks only: each eager solver step runs that
+            # part of the network (on average a third of it). Traced, the slices cost more
+            # compile time than they save (BNAF 2-D under JitTrace_ELBO: 11 s against 7 s).
+            count = y.size(-1) if torch.jit.is_tracing() else index + 1
+            known = solution[..., :count]
 
             def coordinate(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-                value, log_slope = self._map(torch.where(position == index, t.unsqueeze(-1), solution))
+                value, log_slope = self._map(torch.where(position[:count] == index, t.unsqueeze(-1), known))
                 return value[..., index], log_slope[..., index]
 
             with torch.no_grad():

@@ -67,7 +67,7 @@ def solve_increasing(
 ) -> torch.Tensor:
     r"""The root :math:`t` of :math:`g(t) = y` (``target``), elementwise, for an increasing
     :math:`g` given as ``func(t) -> (g(t), g'(t))`` and a bracket with
-    :math:`g(l) \le y \le g(u)`. Runs without autograd; see :func:`implicit_step` for gradients.
+    :math:`g(l) \le y \le g(u)`, starting from its midpoint. Runs without autograd; see :func:`implicit_step` for gradients.
     Eagerly it stops once every element has converged (at most ``max_steps`` steps, by default
     :data:`_MAX_STEPS` of the dtype); under :func:`torch.jit.trace` it runs the fixed schedule of
     :func:`_solve_traced`. ``func`` must broadcast over a leading dim of ``t`` (the traced
