@@ -199,9 +199,12 @@ class MonotoneAutoregressive(Transform):
         def update(solution: torch.Tensor, index: int) -> torch.Tensor:
             params = self._coordinate(self._params(solution), index)
             target = y[..., index]
+            # detached as well as without grad: torch.jit.trace records no grad mode, and a
+            # traced solve would otherwise be differentiated (0 * inf = NaN in its bracket)
+            constants = tuple(p.detach() for p in params)
             with torch.no_grad():
-                lower, upper = self._bracket(target, *params)
-                root = solve_increasing(self._value_and_slope(params), target, lower, upper)
+                lower, upper = self._bracket(target.detach(), *constants)
+                root = solve_increasing(self._value_and_slope(constants), target.detach(), lower, upper)
             x_i = implicit_step(root, target, *self._transformer(root, *params))
             log_slopes.append(self._transformer(x_i, *params)[1])
             return x_i

@@ -6,7 +6,10 @@ point it did not produce raises ``KeyError``), adds 1e-8 inside its log-det's lo
 no conditional version. Here the polynomial is evaluated by Horner's rule, its derivative as the
 sum of squares it is (never below 0), and the inverse solves one increasing polynomial equation
 per coordinate, in the autoregressive order (:mod:`transforms.monotone`), in a bracket from
-Fujiwara's bound on the roots of a polynomial.
+Fujiwara's bound on the roots of a polynomial (clipped to where its terms stay finite). The
+family is Pyro's, parameterised to bend on a length scale of 3 rather than 1
+(:data:`LENGTH_SCALE`) and started around :math:`y = c + x`: from Pyro's parameterisation a
+stack of two layers overflows float32 in an ``AutoNormalizingFlow``'s first steps.
 """
 
 from __future__ import annotations
@@ -75,14 +78,26 @@ def sum_of_squares_polynomial(
 def _fujiwara_bound(integral: torch.Tensor, constant: torch.Tensor) -> torch.Tensor:
     r"""Fujiwara's bound on the roots of :math:`P(t) = P_0 + \sum_{n \ge 1} Q_n t^n`:
     :math:`|t| \le 2\max_j |P_{M-j}/P_M|^{1/j}`, the last term :math:`|P_0 / (2P_M)|^{1/M}`
-    (infinite if the leading coefficient is 0; callers clip it)."""
+    (infinite if the leading coefficient is 0 and another is not: callers clip it)."""
     coefficients = torch.cat([constant.unsqueeze(-1), integral], dim=-1)  # P_0 .. P_M
     degree = coefficients.size(-1) - 1
     leading = coefficients[..., -1:].abs()
     lower = coefficients[..., :-1].abs().flip(-1)  # |P_{M-1}|, ..., |P_0|
     lower = torch.cat([lower[..., :-1], 0.5 * lower[..., -1:]], dim=-1)
     powers = 1.0 / torch.arange(1, degree + 1, dtype=coefficients.dtype, device=coefficients.device)
-    return 2.0 * (lower / leading).pow(powers).max(-1).values
+    # a zero coefficient bounds nothing (not 0 / 0 where the leading one is 0 as well)
+    ratios = torch.where(lower == 0, torch.zeros_like(lower), lower / leading)
+    return 2.0 * ratios.pow(powers).max(-1).values
+
+
+def _finite_range(integral: torch.Tensor) -> torch.Tensor:
+    r"""The largest :math:`|t|` at which every term :math:`Q_n t^n` stays below
+    :math:`\max / (2R + 2)` of the dtype, so their sum is finite: a root beyond it would need a
+    target no float holds. (Fujiwara's bound is infinite where the leading coefficient is 0, and a
+    solver evaluating the polynomial out there would meet inf - inf.)"""
+    room = torch.finfo(integral.dtype).max / (integral.size(-1) + 1)
+    powers = torch.arange(1, integral.size(-1) + 1, dtype=integral.dtype, device=integral.device)
+    return (room / integral.abs()).pow(1.0 / powers).min(-1).values
 
 
 class ConditionedPolynomial(MonotoneAutoregressive):
@@ -94,14 +109,16 @@ class ConditionedPolynomial(MonotoneAutoregressive):
         y_i = c_i + \int_0^{x_i} \sum_{k=1}^{K} \Big(\sum_{r=0}^{R} a^{(i)}_{kr} u^r\Big)^2 du,
         \qquad \log|\det J| = \sum_i \log \sum_k \Big(\sum_r a^{(i)}_{kr} x_i^r\Big)^2,
 
-    with :math:`a^{(i)}` the outputs of a MADE on :math:`\mathbf{x}_{<i}` and :math:`c_i`
-    learnable. The integrand is a sum of squares, zero at no more than :math:`R` points unless
+    with :math:`a^{(i)}_{kr} = b^{(i)}_{kr} / L^r`, :math:`b^{(i)}` the outputs of a MADE on
+    :math:`\mathbf{x}_{<i}`, :math:`L` = :data:`LENGTH_SCALE` (so the map is
+    :math:`c_i + L\,P(x_i / L)` for the sum of squares :math:`P` of the :math:`b`'s: Pyro's
+    family, bending on the scale :math:`L` instead of 1) and :math:`c_i` learnable. The integrand is a sum of squares, zero at no more than :math:`R` points unless
     every :math:`a^{(i)}_{k\cdot}` vanishes, so each :math:`y_i` is strictly increasing, a
     polynomial of odd degree :math:`2R + 1` onto :math:`\mathbb{R}`: the layer is invertible.
     The inverse is numerical, at any point: coordinate by coordinate in the autoregressive
     order, :math:`x_i` is the real root of :math:`y_i(t) = y_i`, found by bracketed Newton to
-    4 ulps (:func:`~transforms.monotone.solve_increasing`) within Fujiwara's bound on the roots,
-    with implicit-function gradients. Forward: one network call; inverse: :math:`D`.
+    4 ulps (:func:`~transforms.monotone.solve_increasing`) within Fujiwara's bound on the roots
+    (and the range where the polynomial's terms stay finite), with implicit-function gradients. Forward: one network call; inverse: :math:`D`.
 
     :param autoregressive_nn: callable ``x -> a`` of shape ``(..., K (R + 1), D)`` with MADE
         structure in the identity order (:class:`pyro.nn.AutoRegressiveNN` with
@@ -136,8 +153,13 @@ class ConditionedPolynomial(MonotoneAutoregressive):
     def _params(self, net_input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(a, c)`` at ``net_input``: ``(..., D, K, R + 1)`` and ``(D,)``."""
         flat = self.arn(net_input)  # (..., K (R + 1), D)
-        a = flat.reshape(flat.shape[:-2] + (self.count_sum, self.count_degree + 1, flat.size(-1)))
-        return a.movedim(-1, -3), self.shift()
+        b = flat.reshape(flat.shape[:-2] + (self.count_sum, self.count_degree + 1, flat.size(-1)))
+        return b.movedim(-1, -3) * self._degree_scales(b), self.shift()
+
+    def _degree_scales(self, like: torch.Tensor) -> torch.Tensor:
+        """:math:`L^{-r}`, :math:`r = 0..R` (:data:`LENGTH_SCALE`)."""
+        degrees = torch.arange(self.count_degree + 1, dtype=like.dtype, device=like.device)
+        return LENGTH_SCALE ** -degrees
 
     def _coordinate(self, params, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         a, c = params
@@ -147,13 +169,32 @@ class ConditionedPolynomial(MonotoneAutoregressive):
         return sum_of_squares_polynomial(t, a, c)
 
     def _bracket(self, target, a, c):
-        bound = _fujiwara_bound(_integral_coefficients(a), c - target)
+        integral = _integral_coefficients(a)
+        bound = torch.minimum(_fujiwara_bound(integral, c - target), _finite_range(integral))
         return -bound, bound
 
 
-def _init_shift(shift: nn.Parameter) -> None:
+# The length scale L on which the polynomial bends: the network's degree-r outputs b_r give the
+# coefficients a_r = b_r / L^r, so y = c + L P(x / L) for the sum-of-squares P of the b's (the
+# same family). With L = 1 (Pyro's) two stacked degree-9 layers at initialisation map N(0, 1)
+# draws to ~1e23, and one Adam step of 1e-2 on the network moves a_4^2 x^9 at x = 3 by ~1e2:
+# an AutoNormalizingFlow's first ELBO steps overflow.
+LENGTH_SCALE = 3.0
+
+
+def _reset(shift: nn.Parameter, net: nn.Module, count_sum: int, count_degree: int) -> None:
+    r"""Around :math:`y = c + x`: :math:`c_i \sim U(\pm 1/\sqrt{D})` (as Pyro), the network as
+    ``nn.Linear`` does, its output biases 0 except :math:`b_{k0} = 1/\sqrt{K}`, so that
+    :math:`\sum_k b_{k0}^2 = 1`."""
     bound = 1.0 / math.sqrt(shift.numel())
     nn.init.uniform_(shift, -bound, bound)
+    _reset_linear_layers(net)
+    output = net.layers[-1]
+    with torch.no_grad():
+        # outputs are laid out (K, R + 1, D): parameter m = k (R + 1) + r of coordinate d is m D + d
+        bias = output.bias.view(count_sum, count_degree + 1, -1)
+        bias.zero_()
+        bias[:, 0, :] = 1.0 / math.sqrt(count_sum)
 
 
 class Polynomial(ConditionedPolynomial, TransformModule):
@@ -183,10 +224,8 @@ class Polynomial(ConditionedPolynomial, TransformModule):
         return self.c
 
     def reset_parameters(self) -> None:
-        """:math:`c_i \\sim U(-1/\\sqrt{D}, 1/\\sqrt{D})` (as Pyro); the network's weights as
-        ``nn.Linear`` does."""
-        _init_shift(self.c)
-        _reset_linear_layers(self.arn)
+        """Near :math:`y = c + x`; see :func:`_reset`."""
+        _reset(self.c, self.arn, self.count_sum, self.count_degree)
 
     def extra_repr(self) -> str:
         return describe_made(self.arn, f"count_degree={self.count_degree}, count_sum={self.count_sum}")
@@ -244,8 +283,8 @@ class ConditionalPolynomial(ConditionalTransformModule):
         )
 
     def reset_parameters(self) -> None:
-        _init_shift(self.c)
-        _reset_linear_layers(self.nn)
+        """Near :math:`y = c + x`; see :func:`_reset`."""
+        _reset(self.c, self.nn, self.count_sum, self.count_degree)
 
     def extra_repr(self) -> str:
         return describe_made(self.nn, f"count_degree={self.count_degree}, count_sum={self.count_sum}")
