@@ -32,6 +32,9 @@ __all__ = [
     "bnaf",
 ]
 
+# (W, log diagonal blocks, bias) of one MaskedBlockLinear
+LayerWeights = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
 DEFAULT_HIDDEN_FACTORS = (8, 8)  # Pyro's: two hidden layers of 8 units per coordinate
 RESIDUALS = ("gated", "normal")
 
@@ -74,26 +77,34 @@ class MaskedBlockLinear(nn.Module):
         bound = 1.0 / math.sqrt(self.out_features)
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def weights(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(W, log of W's diagonal-block entries)``."""
+    def weights(self) -> LayerWeights:
+        """``(W, log of W's diagonal-block entries, bias)``."""
         v = torch.exp(self.weight) * self.mask_diagonal + self.weight * self.mask_lower
         log_norm = 0.5 * torch.log(v.square().sum(-1, keepdim=True))
         w = torch.exp(self.log_scale - log_norm) * v
         log_diagonal = (self.log_scale + self.weight - log_norm)[self.mask_diagonal.bool()]
         rows, cols = self.out_features // self.dim, self.in_features // self.dim
-        return w, log_diagonal.reshape(self.dim, rows, cols)
+        return w, log_diagonal.reshape(self.dim, rows, cols), self.bias
 
-    def forward(self, x: torch.Tensor, blocks: int | None = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The output and the log diagonal blocks; with ``blocks = n``, those of the first ``n``
-        blocks only, from an input of the first ``n`` blocks (all they read)."""
-        w, log_diagonal = self.weights()
-        if blocks is None or blocks == self.dim:
-            return F.linear(x, w, self.bias), log_diagonal
-        rows, cols = blocks * self.out_features // self.dim, blocks * self.in_features // self.dim
-        return F.linear(x, w[:rows, :cols], self.bias[:rows]), log_diagonal[:blocks]
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The output and the log diagonal blocks."""
+        return apply_block_linear(x, self.weights())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dim={self.dim}"
+
+
+def apply_block_linear(x: torch.Tensor, weights: LayerWeights) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A :class:`MaskedBlockLinear` with the given :meth:`~MaskedBlockLinear.weights` on ``x``:
+    the output and the log diagonal blocks, of the first ``n`` blocks when ``x`` holds the first
+    ``n`` input blocks (all they read)."""
+    w, log_diagonal, bias = weights
+    dim = log_diagonal.size(0)
+    blocks = x.size(-1) * dim // w.size(1)
+    if blocks == dim:
+        return F.linear(x, w, bias), log_diagonal
+    rows = blocks * w.size(0) // dim
+    return F.linear(x, w[:rows, : x.size(-1)], bias[:rows]), log_diagonal[:blocks]
 
 
 def _log_tanh_derivative(pre: torch.Tensor) -> torch.Tensor:
@@ -191,14 +202,19 @@ class BlockAutoregressive(TransformModule):
         if self.gate is not None:
             nn.init.normal_(self.gate)
 
-    def _network(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _weights(self) -> Tuple[list[LayerWeights], torch.Tensor | None]:
+        """Every layer's :meth:`~MaskedBlockLinear.weights`, and the gate logit (a scalar)."""
+        gate = None if self.gate is None else self.gate.squeeze(0)  # no batch dim for an unbatched x
+        return [layer.weights() for layer in self.layers], gate
+
+    def _network(self, x: torch.Tensor, weights: list[LayerWeights]) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(f(x), log df_i/dx_i)``, both ``(..., n)``, for ``x`` holding the first ``n <= D``
         coordinates (the first ``n`` outputs read no others)."""
         hidden = x
         log_jacobian = torch.zeros_like(x).unsqueeze(-1)  # (..., n, 1): d x / d x = 1
-        last = len(self.layers) - 1
-        for index, layer in enumerate(self.layers):
-            pre, log_diagonal = layer(hidden, x.size(-1))
+        last = len(weights) - 1
+        for index, layer_weights in enumerate(weights):
+            pre, log_diagonal = apply_block_linear(hidden, layer_weights)
             # diagonal blocks compose by matrix products, here in log space (all entries > 0)
             log_jacobian = torch.logsumexp(log_diagonal + log_jacobian.unsqueeze(-2), dim=-1)
             if index == last:
@@ -207,20 +223,14 @@ class BlockAutoregressive(TransformModule):
             log_jacobian = log_jacobian + _log_tanh_derivative(pre).reshape(log_jacobian.shape)
         raise AssertionError("unreachable: the network has an output layer")
 
-    def _residual_weights(self) -> Tuple[torch.Tensor, torch.Tensor] | None:
-        """``(log alpha, log(1 - alpha))`` of the gated residual, ``None`` for the normal one."""
-        if self.gate is None:
-            return None
-        gate = self.gate.squeeze(0)  # a scalar: it must not add a batch dim to an unbatched input
-        return F.logsigmoid(gate), F.logsigmoid(-gate)
-
-    def _map(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(y, log dy_i/dx_i)`` at ``x`` (the first ``n <= D`` coordinates, as :meth:`_network`)."""
-        f, log_df = self._network(x)
-        weights = self._residual_weights()
-        if weights is None:
+    def _map(self, x: torch.Tensor, weights=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(y, log dy_i/dx_i)`` at ``x`` (the first ``n <= D`` coordinates, as :meth:`_network`),
+        with the given :meth:`_weights` (the current ones by default)."""
+        layer_weights, gate = self._weights() if weights is None else weights
+        f, log_df = self._network(x, layer_weights)
+        if gate is None:
             return x + f, F.softplus(log_df)  # log(1 + df)
-        log_alpha, log_one_minus_alpha = weights
+        log_alpha, log_one_minus_alpha = F.logsigmoid(gate), F.logsigmoid(-gate)
         y = torch.exp(log_alpha) * x + torch.exp(log_one_minus_alpha) * f
         return y, torch.logaddexp(log_alpha.expand_as(log_df), log_one_minus_alpha + log_df)
 
@@ -229,18 +239,25 @@ class BlockAutoregressive(TransformModule):
         self._last = (x, log_slope)
         return y
 
-    def _bracket(self, target: torch.Tensor, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        output = self.layers[-1]
-        w, _ = output.weights()
-        bound = w[index].abs().sum() + output.bias[index].abs()
-        weights = self._residual_weights()
-        if weights is None:
+    @staticmethod
+    def _bracket(target: torch.Tensor, index: int, weights) -> Tuple[torch.Tensor, torch.Tensor]:
+        layer_weights, gate = weights
+        w, _, bias = layer_weights[-1]
+        bound = w[index].abs().sum() + bias[index].abs()
+        if gate is None:
             return target - bound, target + bound
-        alpha, one_minus_alpha = torch.exp(weights[0]), torch.exp(weights[1])
+        alpha, one_minus_alpha = torch.sigmoid(gate), torch.sigmoid(-gate)
         return (target - one_minus_alpha * bound) / alpha, (target + one_minus_alpha * bound) / alpha
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         position = torch.arange(y.size(-1), device=y.device)
+        weights = self._weights()
+        # The solver reads detached weights as well as running without grad: torch.jit.trace
+        # records no grad mode, and a traced solve would otherwise be differentiated.
+        layer_weights, gate = weights
+        constants = [tuple(t.detach() for t in w) for w in layer_weights], (
+            None if gate is None else gate.detach()
+        )
 
         def update(solution: torch.Tensor, index: int) -> torch.Tensor:
             target = y[..., index]
@@ -248,24 +265,26 @@ class BlockAutoregressive(TransformModule):
             # part of the network (on average a third of it). Traced, the slices cost more
             # compile time than they save (BNAF 2-D under JitTrace_ELBO: 11 s against 7 s).
             count = y.size(-1) if torch.jit.is_tracing() else index + 1
-            known = solution[..., :count]
 
-            def coordinate(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-                value, log_slope = self._map(torch.where(position[:count] == index, t.unsqueeze(-1), known))
+            def coordinate(t: torch.Tensor, known: torch.Tensor, with_weights) -> Tuple[torch.Tensor, torch.Tensor]:
+                value, log_slope = self._map(
+                    torch.where(position[:count] == index, t.unsqueeze(-1), known), with_weights
+                )
                 return value[..., index], log_slope[..., index]
 
             with torch.no_grad():
-                lower, upper = self._bracket(target, index)
+                fixed_target, fixed_known = target.detach(), solution[..., :count].detach()
+                lower, upper = self._bracket(fixed_target, index, constants)
 
                 def value_and_slope(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-                    value, log_slope = coordinate(t)
+                    value, log_slope = coordinate(t, fixed_known, constants)
                     return value, torch.exp(log_slope)
 
-                root = solve_increasing(value_and_slope, target, lower, upper)
-            return implicit_step(root, target, *coordinate(root))
+                root = solve_increasing(value_and_slope, fixed_target, lower, upper)
+            return implicit_step(root, target, *coordinate(root, solution[..., :count], weights))
 
         x = solve_in_order(y, update)
-        _, log_slope = self._map(x)
+        _, log_slope = self._map(x, weights)
         self._last = (x, log_slope)
         return x
 
