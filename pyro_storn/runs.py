@@ -422,12 +422,17 @@ def load_run_data(record: dict[str, Any]) -> SequenceData:
     return load_training_data(path)
 
 
+def _first_byte(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(1)
+
+
 def load_training_data(path: str | os.PathLike) -> SequenceData:
     """A user's data file: a polyphonic pickle (Pyro's JSB Chorales format, read safely, with its
     train / valid / test splits) or an ``.npz`` of sequences
     (:func:`~pyro_storn.data.sequences.load_sequences`)."""
     path = Path(path)
-    if path.is_file() and path.read_bytes()[:1] == PICKLE_PROTOCOL_OPCODE:
+    if path.is_file() and _first_byte(path) == PICKLE_PROTOCOL_OPCODE:
         return load_polyphonic(path).sequence_data()
     return load_sequences(path)
 

@@ -131,11 +131,13 @@ def info(name: str) -> FlowInfo:
         ) from None
 
 
-def check_positive_int(name: str, value: Any) -> None:
-    """ValueError ``"<name> must be a positive int, got <value>"`` unless ``value`` is an int
-    >= 1 (a bool is not): the one check of sizes, counts and lengths across the families."""
+def check_positive_int(name: str, value: Any) -> int:
+    """``value``; ValueError ``"<name> must be a positive int, got <value>"`` unless it is an
+    int >= 1 (a bool is not): the one check of sizes, counts and lengths, in ``transforms`` and
+    ``pyro_storn`` alike."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
 def _check_dims(entry: FlowInfo, input_dim: Any, context_dim: Any) -> None:

@@ -191,10 +191,11 @@ def fit_density(
             "engine='svi' cannot add the CNF kinetic/Jacobian regularisers (Pyro scores the "
             "observed site after the model has run); use engine='torch' or weights of 0"
         )
-    torch.manual_seed(seed)
-    density.train()
-    pyro.clear_param_store()
-    inner = elbo_module(pyro.infer.Trace_ELBO(), density) if engine == "svi" else None
+    density.train()  # the loop seeds the RNGs with ``seed``
+    inner = None
+    if engine == "svi":
+        pyro.clear_param_store()
+        inner = elbo_module(pyro.infer.Trace_ELBO(), density)
     objective = _NegativeLogLikelihood(density, train_solver, inner)
 
     def lr_factor(step: int, seconds: float) -> float:
@@ -258,8 +259,9 @@ def fit_density(
             max_seconds=max_seconds, drop_last=True, progress=progress, log_every=1,
         )
     except NonFiniteLossError as error:
-        raise FloatingPointError(f"training loss became {error.value} at step "
-                                 f"{clock['steps'] + 1}; lower the learning rate (lr={lr})") from None
+        step = clock["steps"] + 1
+        raise FloatingPointError(f"training loss became {error.value} at step {step}; lower the "
+                                 f"learning rate (lr={lr})") from None
     result.steps, result.wall_time = fitted.steps, fitted.train_seconds
     clock.update(steps=fitted.steps, seconds=fitted.train_seconds)
     if not result.history or result.history[-1].step != result.steps:
