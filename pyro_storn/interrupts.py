@@ -1,0 +1,89 @@
+"""Stopping on a signal: SIGTERM (what ``kill``, systemd, SLURM and docker send) does what Ctrl-C
+(SIGINT) does.
+
+Outside the training loop SIGTERM raises :class:`Terminated`, a ``KeyboardInterrupt``, so that the
+cleanup written for Ctrl-C runs for it too (a run directory's lock released, temporary files
+removed). Inside the loop both signals become an :class:`InterruptFlag` that the loop reads
+between steps, so that no step is left half applied and the checkpoint it writes resumes exactly.
+A process stopped by signal ``N`` exits ``128 + N`` (:func:`exit_code`): 130 for Ctrl-C, 143 for
+SIGTERM, as a shell reports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["STOP_SIGNALS", "InterruptFlag", "Terminated", "exit_code", "raise_on_sigterm",
+           "signal_of"]
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: raised where Ctrl-C raises ``KeyboardInterrupt``."""
+
+
+def signal_of(stop: BaseException) -> int:
+    """The signal a ``KeyboardInterrupt`` stands for."""
+    return signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
+
+
+def exit_code(signum: int) -> int:
+    return 128 + int(signum)
+
+
+def _raise_for(signum: int) -> None:
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # signal.signal's rule
+
+
+@contextlib.contextmanager
+def raise_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` in the ``with`` block (in the main thread; elsewhere
+    signals cannot be handled, and the block runs as it is)."""
+    if not _in_main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: _raise_for(signum))
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler installed outside Python, not restorable
+            signal.signal(signal.SIGTERM, previous)
+
+
+class InterruptFlag:
+    """Ctrl-C and SIGTERM as a flag the training loop reads between steps: ``raised`` once one
+    came, ``signum`` which. A second signal stops at once (``KeyboardInterrupt`` or
+    :class:`Terminated`)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def raised(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self) -> "InterruptFlag":
+        if _in_main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.raised:
+            _raise_for(signum)
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(signum, previous)
+        self._previous = {}
