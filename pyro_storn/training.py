@@ -33,8 +33,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -51,6 +49,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointError, load_checkpoint, previous_path, rng_state
 from .checkpoint import save_checkpoint, set_rng_state
 from .distributed import DistributedEnv, ProgramModule, all_reduce_sum, replica_divergence
+from .interrupts import InterruptFlag
 from .rundir import load_module_state
 from .validation import check_positive_int
 
@@ -103,9 +102,10 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class FitResult:
-    """What :func:`fit` did: epochs completed in all, whether Ctrl-C (or ``after_step``) stopped
-    it, the metrics, with ``keep_best`` the epoch (1-based) whose state ``best.pt`` holds, the
-    optimiser steps taken and the seconds spent in them (callbacks not counted)."""
+    """What :func:`fit` did: epochs completed in all, whether Ctrl-C or SIGTERM (``interrupted``,
+    the signal in ``stop_signal``) or ``after_step`` (``stopped``) stopped it, the metrics, with
+    ``keep_best`` the epoch (1-based) whose state ``best.pt`` holds, the optimiser steps taken and
+    the seconds spent in them (callbacks not counted)."""
 
     epochs_completed: int
     interrupted: bool
@@ -117,6 +117,7 @@ class FitResult:
     world_size: int = 1
     stopped: bool = False
     module: nn.Module | None = None
+    stop_signal: int | None = None
 
 
 @dataclass(frozen=True)
@@ -216,29 +217,6 @@ def _truncate_metrics(run_dir: Path, epochs_completed: int) -> None:
 
 def finite_module(module: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in module.parameters())
-
-
-class _InterruptFlag:
-    """Turns Ctrl-C into a flag the loop reads between steps, so that no step is left half
-    applied and the checkpoint is consistent."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self._previous: Any = None
-
-    def __enter__(self) -> "_InterruptFlag":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.raised:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.raised = True
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 def _optimizer_state(state: dict[str, Any], module: nn.Module,
@@ -346,7 +324,8 @@ def fit(
     :param validate: Pyro's and torch's distribution-argument validation while training; each
         check waits for the device, so ``None`` keeps the caller's setting on the CPU and turns
         it off on CUDA, where NaN parameters then show up as a non-finite loss.
-    :returns: :class:`FitResult`; on Ctrl-C a checkpoint is written and ``interrupted`` is set.
+    :returns: :class:`FitResult`; on Ctrl-C or SIGTERM a checkpoint is written and ``interrupted``
+        is set.
     :raises NonFiniteLossError: when the loss becomes NaN or infinite.
     """
     if epochs is not None:
@@ -487,7 +466,7 @@ def fit(
     validation = (device.type != "cuda" and pyro.infer.util.is_validation_enabled()
                   if validate is None else validate)
     epoch = start_epoch
-    with _InterruptFlag() as interrupt, pyro.validation_enabled(validation):
+    with InterruptFlag() as interrupt, pyro.validation_enabled(validation):
         while (epochs is None or epoch < epochs) and not (stopped or out_of_budget()):
             if before_epoch is not None:
                 before_epoch(epoch)
@@ -575,4 +554,4 @@ def fit(
     return FitResult(epochs_completed=completed, interrupted=interrupted, checkpoint=last_good,
                      history=history, best_epoch=best_epoch, steps=step,
                      train_seconds=train_seconds, world_size=env.world_size, stopped=stopped,
-                     module=module)
+                     module=module, stop_signal=interrupt.signum if interrupted else None)
