@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", choices=ENCODERS, default="forward",
                    help="what q(z_t | ...) sees: 'forward' x_1:t (STORN's), 'backward' x_t:T "
                    "(as in DMM and SRNN), 'bidirectional' both")
+    p.add_argument("--emission-hidden", type=_non_negative_int, default=0, metavar="H",
+                   help="0 (default): STORN's linear emission of the decoder state; H > 0: an MLP "
+                   "with two ReLU layers of width H of the decoder state and z_t (as the VRNN's)")
     p.add_argument("--weight-decay", type=_non_negative_float, default=0.0,
                    help="L2 penalty added to the gradient by Adam (Pyro's DMM example uses 2.0)")
     p.add_argument("--lr-decay", type=_decay, default=1.0,
@@ -343,7 +346,8 @@ def _train(args: argparse.Namespace) -> int:
         clip_norm=args.clip_norm, kl_anneal_epochs=args.kl_anneal_epochs,
         checkpoint_every=args.checkpoint_every, validation_fraction=args.validation_fraction,
         init_from=args.init_from, flow_start=args.flow_start, emission=args.emission,
-        encoder=args.encoder, weight_decay=args.weight_decay, lr_decay=args.lr_decay,
+        encoder=args.encoder, emission_hidden=args.emission_hidden,
+        weight_decay=args.weight_decay, lr_decay=args.lr_decay,
         adam_beta1=args.adam_beta1, metrics_every=args.metrics_every,
     )
     _check_device(args.device)

@@ -105,6 +105,7 @@ class TrainConfig:
     flow_start: str = "random"
     emission: str = "normal"
     encoder: str = "forward"
+    emission_hidden: int = 0
     weight_decay: float = 0.0
     lr_decay: float = 1.0
     adam_beta1: float = 0.9
@@ -118,7 +119,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("flow_length", "kl_anneal_epochs", "seed"):
+        for name in ("flow_length", "kl_anneal_epochs", "seed", "emission_hidden"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -176,7 +177,7 @@ def build_storn(input_dim: int, config: TrainConfig) -> STORN:
         input_dim, config.latent_dim, config.hidden_dim,
         flow=None if config.flow == "none" else config.flow, flow_length=config.flow_length,
         condition_flow=config.condition_flow, rnn=config.rnn, emission=config.emission,
-        encoder=config.encoder,
+        encoder=config.encoder, emission_hidden=config.emission_hidden,
     )
     if config.flow_start == "identity":
         transforms.start_at_identity(storn.flow)

@@ -11,6 +11,11 @@ recurrent decoder fed the previous observation,
     \qquad x_{t,d} \sim \mathrm{Bernoulli}(\sigma(\ell_d(h^g_t)))
     \quad\text{(``emission="bernoulli"``, piano rolls)}.
 
+The emission parameters are a linear function of :math:`h^g_t` (STORN's), or with
+``emission_hidden=H`` an MLP with two ReLU layers of width ``H`` of :math:`[h^g_t, z_t]`: the
+latent then reaches the emission directly as well as through the decoder's state, as in the
+VRNN's and SRNN's emissions [3, 6] (the MLP is the DMM's emitter [2]).
+
 Guide: an encoder gives :math:`(\mu_t, \sigma_t, h_t)` per step, :math:`q_0(z_t) = \mathcal
 N(\mu_t, \sigma_t^2)`, then ``flow_length`` layers of any flow of the :mod:`transforms` registry,
 conditioned on :math:`h_t` when the flow can be (as in the thesis), shared across steps
@@ -62,6 +67,8 @@ References:
     ICML 2012. arXiv:1206.6392
 [5] Danilo J. Rezende, Shakir Mohamed. Variational Inference with Normalizing Flows.
     arXiv:1505.05770
+[6] Junyoung Chung, Kyle Kastner, Laurent Dinh, Kratarth Goel, Aaron Courville, Yoshua Bengio.
+    A Recurrent Latent Variable Model for Sequential Data. NIPS 2015. arXiv:1506.02216
 """
 
 from __future__ import annotations
@@ -156,6 +163,8 @@ class STORN(nn.Module):
         head; refuses other values).
     :param encoder: ``"forward"`` (STORN's), ``"backward"`` or ``"bidirectional"``.
     :param condition_flow: condition the flow on the encoder state when it supports it.
+    :param emission_hidden: 0 for STORN's linear emission of the decoder state; ``H > 0`` for
+        an MLP (two ReLU layers of width ``H``) of the decoder state and ``z_t``.
     :param rnn: ``"gru"``, ``"lstm"`` or ``"rnn"``.
     :param kl_weight: factor on the latent site's log-densities (KL annealing sets it per epoch).
     :param flow_kwargs: passed on to the flow's builder.
@@ -171,6 +180,7 @@ class STORN(nn.Module):
         *,
         emission: str = "normal",
         encoder: str = "forward",
+        emission_hidden: int = 0,
         condition_flow: bool = True,
         rnn: str = "gru",
         kl_weight: float = 1.0,
@@ -181,8 +191,9 @@ class STORN(nn.Module):
                             ("hidden_dim", hidden_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(flow_length, bool) or not isinstance(flow_length, int) or flow_length < 0:
-            raise ValueError(f"flow_length must be a non-negative int, got {flow_length!r}")
+        for name, value in (("flow_length", flow_length), ("emission_hidden", emission_hidden)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         if rnn not in RNN_TYPES:
             raise ValueError(f"unknown rnn {rnn!r}; valid choices: {', '.join(RNN_TYPES)}")
         if emission not in EMISSIONS:
@@ -196,6 +207,7 @@ class STORN(nn.Module):
         self.input_dim, self.latent_dim, self.hidden_dim = input_dim, latent_dim, hidden_dim
         self.flow_name, self.flow_length = flow, flow_length if flow is not None else 0
         self.emission_type, self.encoder_type, self.rnn_type = emission, encoder, rnn
+        self.emission_hidden = emission_hidden
         self.kl_weight = float(kl_weight)
         self._condition_flow, self._flow_kwargs = condition_flow, dict(flow_kwargs or {})
 
@@ -210,7 +222,10 @@ class STORN(nn.Module):
         self.posterior_head = nn.Linear(self.encoder_state_dim, 2 * latent_dim)
         self.decoder_rnn = rnn_type(input_dim + latent_dim, hidden_dim, batch_first=True)
         emission_params = 2 * input_dim if emission == "normal" else input_dim
-        self.emission_head = nn.Linear(hidden_dim, emission_params)
+        self.emission_head = (nn.Linear(hidden_dim, emission_params) if not emission_hidden else
+                              nn.Sequential(nn.Linear(hidden_dim + latent_dim, emission_hidden),
+                                            nn.ReLU(), nn.Linear(emission_hidden, emission_hidden),
+                                            nn.ReLU(), nn.Linear(emission_hidden, emission_params)))
         self.register_buffer("data_loc", torch.zeros(input_dim))
         self.register_buffer("data_scale", torch.ones(input_dim))
 
@@ -231,7 +246,8 @@ class STORN(nn.Module):
         flow = f"{self.flow_name} x{self.flow_length}" if self.flow_name else "none"
         return (f"input_dim={self.input_dim}, latent_dim={self.latent_dim}, "
                 f"hidden_dim={self.hidden_dim}, flow={flow}, conditional={self.flow_conditional}, "
-                f"emission={self.emission_type}, encoder={self.encoder_type}")
+                f"emission={self.emission_type}, encoder={self.encoder_type}"
+                + (f", emission_hidden={self.emission_hidden}" if self.emission_hidden else ""))
 
     # ---- data handling -------------------------------------------------------------------------
 
@@ -318,12 +334,14 @@ class STORN(nn.Module):
         z = z.expand(leading + z.shape[-2:])
         flat, _ = _flatten_leading(torch.cat([x_prev, z], dim=-1), 2)
         state, _ = self.decoder_rnn(flat)
-        return tuple(p.reshape(leading + p.shape[1:]) for p in self._emission_params(state))
+        params = self._emission_params(state, flat[..., self.input_dim:])
+        return tuple(p.reshape(leading + p.shape[1:]) for p in params)
 
-    def _emission_params(self, state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _emission_params(self, state: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = torch.cat([state, z], dim=-1) if self.emission_hidden else state
         if self.emission_type == "bernoulli":
-            return (self.emission_head(state),)
-        loc_std, raw_scale = self.emission_head(state).chunk(2, dim=-1)
+            return (self.emission_head(features),)
+        loc_std, raw_scale = self.emission_head(features).chunk(2, dim=-1)
         scale_std = F.softplus(raw_scale) + MIN_EMISSION_SCALE
         return self.data_loc + self.data_scale * loc_std, self.data_scale * scale_std
 
@@ -469,7 +487,7 @@ class STORN(nn.Module):
         x_last = prefix_std[:, -1]
         for t in range(n_prefix, n_steps):
             state, hidden = self.decoder_rnn(torch.cat([x_last, z[:, t]], dim=-1)[:, None], hidden)
-            x_t = self._draw(self._emission_params(state[:, 0]), sample_observations)
+            x_t = self._draw(self._emission_params(state[:, 0], z[:, t]), sample_observations)
             steps.append(x_t[:, None])
             x_last = (x_t - self.data_loc) / self.data_scale
         out = torch.cat(steps, dim=1).reshape(num_samples, -1, n_steps, self.input_dim)
@@ -516,6 +534,6 @@ class STORN(nn.Module):
             "input_dim": self.input_dim, "latent_dim": self.latent_dim,
             "hidden_dim": self.hidden_dim, "flow": self.flow_name, "flow_length": self.flow_length,
             "emission": self.emission_type, "encoder": self.encoder_type,
-            "condition_flow": self._condition_flow, "rnn": self.rnn_type,
+            "emission_hidden": self.emission_hidden, "condition_flow": self._condition_flow, "rnn": self.rnn_type,
             "kl_weight": self.kl_weight, "flow_kwargs": self._flow_kwargs,
         }

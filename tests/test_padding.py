@@ -219,3 +219,19 @@ def test_evaluation_terms_leave_padding_out_of_the_prior(flow, length, condition
     terms, _ = sample_terms(storn, x, mask, SAMPLES)
     per_step = torch.distributions.Normal(0.0, 1.0).log_prob(terms.zK).sum(-1)
     _close(terms.log_prior, (per_step * mask).sum(-1), "log p(z) over observed steps")
+
+
+@pytest.mark.parametrize("encoder", ["backward", "bidirectional"])
+def test_mlp_emission_keeps_padding_exact(encoder):
+    """``emission_hidden``: the emission MLP reads [h_t, z_t] per step, so a padded sequence
+    still scores as it does alone."""
+    pyro.set_rng_seed(0)
+    storn = STORN(D, Z, H, flow="planar", flow_length=2, encoder=encoder,
+                  emission_hidden=5).double()
+    x, mask = _batch()
+    storn.set_data_statistics(x, mask)
+    with torch.no_grad():
+        log_w, z = _per_sequence_log_weights(storn, x, mask)
+        for i in range(len(LENGTHS)):
+            alone, _ = _per_sequence_log_weights(storn, _alone(x, i), None, z[i : i + 1, : LENGTHS[i]])
+            _close(alone[0], log_w[i], f"sequence {i}: log p(x, z) - log q(z)")
