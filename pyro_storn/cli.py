@@ -8,24 +8,34 @@ the examples call too; a run directory's identity, lock and recovery are
 :mod:`pyro_storn.rundir`'s.
 
 Exit codes: 0 done; 1 training stopped on a non-finite loss (the last good checkpoint kept);
-2 bad input, one line on stderr; 130 interrupted (Ctrl-C; a training run leaves a checkpoint
-to ``--resume``).
+2 bad input, one line on stderr; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, what
+``kill``, systemd, SLURM and docker send): one line on stderr, and a training run stops at the end
+of a step with a checkpoint that ``--resume`` continues exactly.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import TYPE_CHECKING, NoReturn, Sequence
+
+from .interrupts import exit_code, raise_on_sigterm, signal_of
+
+if TYPE_CHECKING:
+    from .data.sequences import SequenceData
 
 __all__ = ["main", "build_parser"]
 
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 1
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = exit_code(signal.SIGINT)  # 130
+EXIT_TERMINATED = exit_code(signal.SIGTERM)  # 143
+_STOPPED = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 # What diagnose writes into its --out (pyro_storn.diagnostics.write_diagnostics).
 DIAGNOSE_FILES = ("inference_data.nc", "importance.json", "khat.png", "log_weights.png",
                   "pair.png")
@@ -48,24 +58,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
+# argparse type functions over the shared checks, in argparse's error style (it names the flag).
 def _positive_int(text: str) -> int:
+    from .validation import check_positive_int
+
     try:
-        value = int(text)
+        return check_positive_int("value", int(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _non_negative_int(text: str) -> int:
+    from .validation import check_non_negative_int
+
     try:
-        value = int(text)
+        return check_non_negative_int("value", int(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
 def _positive_float(text: str) -> float:
@@ -329,13 +338,21 @@ def _check_train_out(out: Path, resume: bool) -> None:
                           "or a new directory")
 
 
-def _train(args: argparse.Namespace) -> int:
-    from contextlib import nullcontext
+def _group_device(args: argparse.Namespace, out: Path) -> str:
+    """The device training will run on: the run's own on ``--resume`` (its stored settings),
+    else ``--device``."""
+    from .rundir import CONFIG_NAME, read_run_record
 
-    from .distributed import process_rank
-    from .rundir import check_same_data, lock_run, read_run_record, run_contents, start_over
-    from .runs import TrainConfig, load_run, load_training_data, train
-    from .training import NonFiniteLossError, read_metrics
+    if args.resume and (out / CONFIG_NAME).is_file():
+        return str(read_run_record(out)["config"]["device"])
+    return args.device
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .distributed import DistributedEnv, init_distributed, primary_failure_stops_all
+    from .rundir import read_run_record
+    from .runs import TrainConfig, load_training_data, train
+    from .training import NonFiniteLossError
 
     length = args.flow_length if args.flow_length is not None else (0 if args.flow == "none"
                                                                     else 4)
@@ -355,25 +372,19 @@ def _train(args: argparse.Namespace) -> int:
     if args.init_from is not None:
         read_run_record(args.init_from)  # a broken source is named before any work
     out = Path(args.out)
-    primary = process_rank() == 0  # under torchrun rank 0 owns the directory
-    if primary:
-        _check_train_out(out, args.resume)
-    data = load_training_data(args.data)
-    if args.resume and primary:  # what resuming reads, read now: a refusal rewrites nothing
-        check_same_data(read_run_record(out)["data"], data, args.data, out)
-        read_metrics(out)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the fallback to .prev is reported by the run
-            load_run(out, device="cpu", checkpoint="last")  # readable, and of this model's size
-    with lock_run(out) if primary else nullcontext():
-        if primary:
-            _check_train_out(out, args.resume)  # again, now that no other process can change it
-            contents = run_contents(out)
-            if not args.resume and contents.left_before_checkpoint:
-                removed = start_over(out, contents)
-                print(f"pyro-storn train: starting over in {str(out)!r}: the run there stopped "
-                      f"before its first checkpoint (removed {', '.join(removed)})",
-                      file=sys.stderr)
+    # Every rank joins the group before rank 0, which alone checks and locks --out, may refuse:
+    # its refusal then reaches the others instead of leaving them waiting for it.
+    env = (init_distributed(_group_device(args, out)) if args.distributed
+           else DistributedEnv())
+    with ExitStack() as held:
+        held.callback(env.close)
+        with primary_failure_stops_all(env):
+            if env.is_primary:
+                _check_train_out(out, args.resume)
+        data = load_training_data(args.data)
+        with primary_failure_stops_all(env):
+            if env.is_primary:
+                _prepare_run_dir(out, args, data, held)
         try:
             result = train(data, out, config, data_path=args.data, resume=args.resume,
                            progress=not args.quiet, distributed=args.distributed)
@@ -381,10 +392,11 @@ def _train(args: argparse.Namespace) -> int:
             print(f"pyro-storn train: {error}", file=sys.stderr)
             return EXIT_TRAINING_FAILED
     if result.interrupted:
-        print(f"interrupted after {result.epochs_completed} epoch(s); checkpoint "
+        signum = result.stop_signal or signal.SIGINT
+        print(f"{_STOPPED[signum]} after {result.epochs_completed} epoch(s); checkpoint "
               f"{result.checkpoint}; continue with --resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if not primary:
+        return exit_code(signum)
+    if not env.is_primary:
         return 0  # rank 0 reports
     last = result.history[-1] if result.history else {}
     print(f"trained {args.out}: {result.epochs_completed} epochs, test -ELBO "
@@ -394,6 +406,30 @@ def _train(args: argparse.Namespace) -> int:
         print(f"best validation -ELBO {best['validation/neg_elbo']:.3f} per sequence at epoch "
               f"{result.best_epoch} (best.pt)")
     return 0
+
+
+def _prepare_run_dir(out: Path, args: argparse.Namespace, data: SequenceData,
+                     held: ExitStack) -> None:
+    """Rank 0, before training: what resuming reads, read now (a refusal rewrites nothing); the
+    lock taken (held until ``held`` closes); what a run left before its first checkpoint
+    cleared."""
+    from .rundir import check_same_data, lock_run, read_run_record, run_contents, start_over
+    from .runs import load_run
+    from .training import read_metrics
+
+    if args.resume:
+        check_same_data(read_run_record(out)["data"], data, args.data, out)
+        read_metrics(out)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback to .prev is reported by the run
+            load_run(out, device="cpu", checkpoint="last")  # readable, and of this model's size
+    held.enter_context(lock_run(out))
+    _check_train_out(out, args.resume)  # again, now that no other process can change it
+    contents = run_contents(out)
+    if not args.resume and contents.left_before_checkpoint:
+        removed = start_over(out, contents)
+        print(f"pyro-storn train: starting over in {str(out)!r}: the run there stopped "
+              f"before its first checkpoint (removed {', '.join(removed)})", file=sys.stderr)
 
 
 def _check_draws(samples: int, batch: int | None, flag: str) -> None:
@@ -510,12 +546,19 @@ def _one_line_warnings(command: str):
     return show
 
 
+def _stopped(prog: str, stop: KeyboardInterrupt) -> int:
+    """One line saying which signal stopped ``prog``; its exit code."""
+    signum = signal_of(stop)
+    print(f"{prog}: {_STOPPED[signum]}", file=sys.stderr)
+    return exit_code(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:  # also while the heavy modules are still being imported
-        print("pyro-storn: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    with raise_on_sigterm():  # SIGTERM unwinds as Ctrl-C does: locks released, temporaries gone
+        try:
+            return _main(argv)
+        except KeyboardInterrupt as stop:  # also while the heavy modules are being imported
+            return _stopped("pyro-storn", stop)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -535,9 +578,8 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"pyro-storn {args.command}: error: {where}{error.strerror or error}",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"pyro-storn {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as stop:
+        return _stopped(f"pyro-storn {args.command}", stop)
     return int(code or 0)
 
 

@@ -16,14 +16,18 @@ Launch (see ``docs/distributed.md``)::
 
     torchrun --nproc_per_node 4 -m pyro_storn.cli train --distributed --data d.npz --out run
 
-Ctrl-C or a killed rank stops all ranks (torchrun tears the group down); ``--resume`` continues
-from the last epoch checkpoint.
+Ctrl-C, SIGTERM or a killed rank stops all ranks (torchrun tears the group down); ``--resume``
+continues from the last epoch checkpoint. What only rank 0 does before training (checking and
+locking the run directory) runs under :func:`primary_failure_stops_all`, so that its refusal stops
+every rank at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import pickle
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -41,6 +45,7 @@ __all__ = [
     "ProgramModule",
     "all_reduce_sum",
     "init_distributed",
+    "primary_failure_stops_all",
     "process_rank",
     "replica_divergence",
 ]
@@ -203,6 +208,41 @@ class ProgramModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"program={self.program!r}, example_noise={self.noise is not None}"
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` when it survives pickling (the broadcast's wire format), else a
+    ``RuntimeError`` with its message."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
+
+
+def _broadcast_failure(env: DistributedEnv, error: BaseException | None) -> BaseException | None:
+    sent = [_portable(error) if env.is_primary and error is not None else None]
+    dist.broadcast_object_list(sent, src=0)
+    return sent[0]
+
+
+@contextlib.contextmanager
+def primary_failure_stops_all(env: DistributedEnv) -> Iterator[None]:
+    """Every rank enters the ``with`` block and waits at its end for rank 0, which tells them
+    whether its block raised: then every rank raises rank 0's error, so that no rank waits for a
+    rank 0 that gave up (e.g. refused the run directory's lock). For rank-0-only work, such as
+    taking the lock and checking what a run directory holds."""
+    if env.world_size == 1:
+        yield
+        return
+    try:
+        yield
+    except BaseException as error:
+        _broadcast_failure(env, error)
+        raise
+    failure = _broadcast_failure(env, None)
+    if failure is not None:
+        raise failure
 
 
 def all_reduce_sum(tensor: torch.Tensor, env: DistributedEnv) -> torch.Tensor:

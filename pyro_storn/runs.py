@@ -34,7 +34,7 @@ from .rundir import lock_run, read_run_record, write_text_atomic
 from .diagnostics import ImportanceDraws, draw_importance_samples, summarize_importance
 from .diagnostics import write_diagnostics
 from .evaluation import bounds_summary, evaluate_bounds, sequence_metrics
-from .distributed import DistributedEnv, ExampleNoise, init_distributed
+from .distributed import DistributedEnv, ExampleNoise, init_distributed, primary_failure_stops_all
 from .storn import ENCODERS, EMISSIONS, RNN_TYPES, STORN
 from .training import BEST_NAME, CHECKPOINT_NAME, FitResult, Optimizer, elbo_module, fit
 
@@ -326,21 +326,23 @@ def train(
         init = warm_start(storn, config.init_from) if config.init_from and not resume else None
         storn.to(env.device)
         env.barrier()  # every rank has read the run directory before rank 0 writes to it
-        if env.is_primary:
-            held.enter_context(lock_run(run_dir))  # creates run_dir; refuses a second trainer
-            record = run_record(config, storn, data, data_path)
-            if init is not None:
-                record["init_from"] = init
-            elif resume and "init_from" in stored:
-                record["init_from"] = stored["init_from"]
-            if distributed:
-                record["distributed"] = {
-                    "world_size": env.world_size, "batch_size_per_rank": config.batch_size,
-                    "effective_batch_size": config.batch_size * env.world_size,
-                    "example_noise": example_noise,
-                    "backend": torch.distributed.get_backend() if env.world_size > 1 else None,
-                }
-            write_text_atomic(run_dir / CONFIG_NAME, json.dumps(record, indent=2) + "\n")
+        # A refusal on rank 0 (the lock, an unwritable config.json) stops every rank at once.
+        with primary_failure_stops_all(env):
+            if env.is_primary:
+                held.enter_context(lock_run(run_dir))  # creates run_dir; refuses a second trainer
+                record = run_record(config, storn, data, data_path)
+                if init is not None:
+                    record["init_from"] = init
+                elif resume and "init_from" in stored:
+                    record["init_from"] = stored["init_from"]
+                if distributed:
+                    backend = torch.distributed.get_backend() if env.world_size > 1 else None
+                    record["distributed"] = {
+                        "world_size": env.world_size, "batch_size_per_rank": config.batch_size,
+                        "effective_batch_size": config.batch_size * env.world_size,
+                        "example_noise": example_noise, "backend": backend,
+                    }
+                write_text_atomic(run_dir / CONFIG_NAME, json.dumps(record, indent=2) + "\n")
 
         def before_epoch(epoch: int) -> None:
             if config.kl_anneal_epochs:

@@ -27,7 +27,8 @@ import pytest
 import torch
 
 from cli_processes import TIMEOUT_S, cli, cli_env, running, sigkill, wait_for
-from pyro_storn.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, main
+from pyro_storn.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED, main
+from pyro_storn.interrupts import Terminated
 from pyro_storn.rundir import LOCK_NAME
 from pyro_storn.training import read_metrics
 
@@ -520,16 +521,19 @@ def test_forced_outputs_are_replaced(place, capsys):
     assert _run(capsys, "generate", "run", "--sequences", 2, "--force")[0] == 0
 
 
-def test_ctrl_c_before_any_work_is_one_line(place, capsys, monkeypatch):
+@pytest.mark.parametrize("stop, code, word", [(KeyboardInterrupt, EXIT_INTERRUPTED, "interrupted"),
+                                              (Terminated, EXIT_TERMINATED, "terminated")],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_before_any_work_is_one_line(place, capsys, monkeypatch, stop, code, word):
     import pyro_storn.cli as cli
 
     def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+        raise stop
 
     monkeypatch.setattr(cli, "build_parser", interrupted)  # as if during the heavy imports
     before = _snapshot(place)
-    code, _, err = _run(capsys, "train", "--data", "data.npz", "--out", "new")
-    assert code == EXIT_INTERRUPTED and err.strip().splitlines() == ["pyro-storn: interrupted"]
+    exit_code, _, err = _run(capsys, "train", "--data", "data.npz", "--out", "new")
+    assert exit_code == code and err.strip().splitlines() == [f"pyro-storn: {word}"]
     assert _snapshot(place) == before
 
 
@@ -577,16 +581,19 @@ def test_lock_refuses_a_second_trainer_and_dies_with_the_first(place, capsys):
     assert [r["epoch"] for r in read_metrics(run)] == [1]
 
 
-def test_ctrl_c_in_the_first_second_is_one_line(place):
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, EXIT_INTERRUPTED, "interrupted"),
+                                                (signal.SIGTERM, EXIT_TERMINATED, "terminated")],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_in_the_first_second_is_one_line(place, signum, code, word):
     process = subprocess.Popen(cli("train", "--data", "data.npz", "--out", "new", *TINY),
                                env=cli_env(), cwd=place, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)  # starting up: still importing torch on a loaded machine
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=TIMEOUT_S)
     lines = err.strip().splitlines()
-    assert process.returncode == EXIT_INTERRUPTED and len(lines) == 1, err
-    assert "interrupted" in lines[0]
+    assert process.returncode == code and len(lines) == 1, err
+    assert word in lines[0]
     if not (place / "new").exists():
         return
     # The signal came late, in training: the run stopped at a checkpoint it can resume from.

@@ -1,9 +1,10 @@
-"""Faults: a training process killed with SIGKILL and resumed, truncated and corrupted
-checkpoints (detected, reported in one line naming the file, the previous one used, never loaded
-silently). Real ``pyro-storn`` subprocesses."""
+"""Faults: a training process killed with SIGKILL, or stopped by SIGTERM or Ctrl-C, and resumed;
+truncated and corrupted checkpoints (detected, reported in one line naming the file, the previous
+one used, never loaded silently). Real ``pyro-storn`` subprocesses."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 import warnings
@@ -14,8 +15,9 @@ import torch
 
 from cli_processes import TIMEOUT_S, cli, cli_env, running, sigkill, wait_for
 from pyro_storn.checkpoint import load_checkpoint, previous_path
-from pyro_storn.cli import main
+from pyro_storn.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, main
 from pyro_storn.data.sequences import load_sequences
+from pyro_storn.rundir import LOCK_NAME
 from pyro_storn.runs import TrainConfig, train
 from pyro_storn.training import CHECKPOINT_NAME, read_metrics
 
@@ -65,6 +67,13 @@ def test_sigkill_mid_run_then_resume_loses_only_the_epochs_since_the_checkpoint(
     before = read_metrics(run)
     assert 1 <= saved_epoch < epochs and saved_epoch <= len(before) <= saved_epoch + 1
 
+    _resume_equals_uninterrupted(tmp_path, pendulum, run, epochs, before, saved_epoch)
+
+
+def _resume_equals_uninterrupted(tmp_path, pendulum, run, epochs: int, before: list[dict],
+                                 saved_epoch: int) -> None:
+    """``--resume`` finishes the run, keeps the checkpointed epochs' records and equals a run that
+    was never stopped."""
     done = subprocess.run(cli("train", "--data", pendulum, "--out", run, "--epochs", epochs,
                                "--resume", "--quiet"),
                           env=cli_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -74,12 +83,38 @@ def test_sigkill_mid_run_then_resume_loses_only_the_epochs_since_the_checkpoint(
     assert [r["epoch"] for r in after] == list(range(1, epochs + 1))  # each epoch once
     assert after[:saved_epoch] == before[:saved_epoch]  # checkpointed epochs are not redone
     assert load_checkpoint(run / CHECKPOINT_NAME)["epoch"] == epochs
-    # The resumed run continues where the killed one stopped: it equals an uninterrupted run.
     expected = _uninterrupted(pendulum, tmp_path / "full", epochs)
     got = _without_time(after)
     for record, reference in zip(got, _without_time(expected)):
         assert record.keys() == reference.keys()
         np.testing.assert_allclose(list(record.values()), list(reference.values()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGTERM, EXIT_TERMINATED, "terminated"),
+                                                (signal.SIGINT, EXIT_INTERRUPTED, "interrupted")],
+                         ids=["sigterm", "ctrl-c"])
+def test_signal_mid_run_stops_at_a_step_then_resume_equals_uninterrupted(tmp_path, pendulum,
+                                                                         signum, code, word):
+    """SIGTERM (kill, systemd, SLURM, docker) does what Ctrl-C does: the run stops at the end of
+    a step, writes a checkpoint there, releases the lock, says so in one line and exits 128 + N;
+    ``--resume`` then continues exactly."""
+    epochs, run = 30, tmp_path / "run"
+    with running("train", "--data", pendulum, "--out", run, "--epochs", epochs, *TINY) as process:
+        wait_for(run / CHECKPOINT_NAME, process)
+        time.sleep(0.05)  # into the next epoch
+        assert process.poll() is None, "the run finished before the signal"
+        process.send_signal(signum)
+        assert process.wait(timeout=TIMEOUT_S) == code
+        lines = process.stderr.read().decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{word} after"), lines
+    assert "--resume" in lines[0] and str(run / CHECKPOINT_NAME) in lines[0]
+    assert not (run / LOCK_NAME).exists()  # released
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the checkpoint itself is good, not its .prev
+        state = load_checkpoint(run / CHECKPOINT_NAME)
+    before = read_metrics(run)
+    assert 1 <= state["epoch"] < epochs and len(before) == state["epoch"]
+    _resume_equals_uninterrupted(tmp_path, pendulum, run, epochs, before, state["epoch"])
 
 
 def _two_epoch_run(pendulum, run_dir) -> list[dict]:
