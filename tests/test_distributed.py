@@ -29,6 +29,7 @@ from pyro_storn.distributed import (
     ProgramModule,
     init_distributed,
 )
+from pyro_storn.rundir import LOCK_NAME, lock_run
 from pyro_storn.runs import TrainConfig, build_storn, train
 from pyro_storn.training import CHECKPOINT_NAME, NonFiniteLossError, Optimizer, fit, read_metrics
 
@@ -37,15 +38,6 @@ FLOW = ["--flow", "planar", "--flow-length", "2"]
 TINY = ["--hidden-dim", "6", "--latent-dim", "2", "--quiet"]
 RANKS, PER_RANK_BATCH = 2, 2
 LAUNCH_TIMEOUT_S = 240  # generous: a loaded 2-core machine needs ~20 s to start two workers
-
-
-@pytest.fixture(scope="module")
-def pendulum(tmp_path_factory):
-    """10 simulated pendulum sequences of 6 steps: 8 train (a multiple of RANKS * batch), 2 test."""
-    path = tmp_path_factory.mktemp("data") / "pendulum.npz"
-    assert main(["simulate", "--out", str(path), "--n-sequences", "10", "--n-steps", "6",
-                 "--seed", "1"]) == 0
-    return path
 
 
 def _storn(seed: int = 0, flow: str | None = "planar") -> STORN:
@@ -215,15 +207,7 @@ def test_two_ranks_stay_identical_and_match_one_process_on_the_union(tmp_path, p
     script.write_text(textwrap.dedent(WORKER).format(batch=PER_RANK_BATCH, flow=FLOW, tiny=TINY))
     started_alone = tmp_path / "started_alone"
     train(load_sequences(pendulum), started_alone, _config(epochs=1), progress=False)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-               "--nproc_per_node", str(RANKS), "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(script), str(pendulum),
-               str(tmp_path / "ddp"), str(tmp_path), str(started_alone)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
-                          env=env, cwd=tmp_path)
+    done = _launch(script, pendulum, tmp_path / "ddp", tmp_path, started_alone, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("trained ") == 1  # rank 0 reports, rank 1 is silent
 
@@ -254,6 +238,63 @@ def test_two_ranks_stay_identical_and_match_one_process_on_the_union(tmp_path, p
     initial = build_storn(config["data"]["input_dim"], _config()).state_dict()
     assert not torch.allclose(initial["posterior_head.weight"], ranks[0]["posterior_head.weight"],
                               atol=1e-4)
+
+
+REFUSED_WORKER = """
+import contextlib, io, json, os, sys, torch.distributed as dist
+from pyro_storn.cli import main
+from pyro_storn.data.sequences import load_sequences
+from pyro_storn.runs import TrainConfig, train
+
+data_path, run_dir, out_dir = sys.argv[1:4]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+try:
+    train(load_sequences(data_path), run_dir, TrainConfig(epochs=1), progress=False,
+          distributed=True)
+    library = None
+except Exception as error:
+    library = [type(error).__name__, str(error)]
+stderr = io.StringIO()
+with contextlib.redirect_stderr(stderr):
+    code = main(["train", "--distributed", "--data", data_path, "--out", run_dir, *{tiny}])
+with open(os.path.join(out_dir, f"refused{{rank}}.json"), "w") as handle:
+    json.dump({{"library": library, "cli": [code, stderr.getvalue()]}}, handle)
+dist.destroy_process_group()
+"""
+
+
+def _launch(script: Path, *args: object, cwd: Path) -> subprocess.CompletedProcess:
+    """``script`` on RANKS gloo ranks under torchrun (loopback, one thread each)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+               "--nproc_per_node", str(RANKS), "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(script), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+                          env=env, cwd=cwd)
+
+
+def test_a_lock_refused_to_rank_0_stops_every_rank_with_its_error(tmp_path, pendulum):
+    """Rank 0 alone takes the run directory's lock; when another process holds it, every rank
+    gets rank 0's refusal at once (before, the others waited for rank 0 in the next collective),
+    through the library and through the CLI (exit 2, the same one line on every rank)."""
+    script = tmp_path / "refused.py"
+    script.write_text(textwrap.dedent(REFUSED_WORKER).format(tiny=TINY))
+    run = tmp_path / "busy"
+    with lock_run(run):  # another trainer holds it
+        done = _launch(script, pendulum, run, tmp_path, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]  # nothing written
+    results = [json.loads((tmp_path / f"refused{r}.json").read_text()) for r in range(RANKS)]
+    kind, message = results[0]["library"]
+    assert kind == "RunLockedError" and "is in use" in message
+    assert all(r["library"] == [kind, message] for r in results)
+    code, err = results[0]["cli"]
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "is in use" in lines[0], err
+    assert all(r["cli"] == [code, err] for r in results)
 
 
 # ---- host syncs per step (the GPU path, counted on CPU) -----------------------------------------
