@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.signal import savgol_filter  # noqa: E402
 
+from .rundir import save_figure  # noqa: E402
+
 __all__ = [
     "smooth", "plot_losses", "plot_flow_terms", "plot_every_seed", "plot_generation",
     "plot_khat_per_sequence", "plot_piano_roll",
@@ -57,10 +59,8 @@ def _curve(ax: plt.Axes, history: History, key: str, label: str, color: Any, sty
 
 
 def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    path = save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 

@@ -14,7 +14,8 @@ unreadable ``best.pt``.
 - **Outputs.** :func:`check_output_file` / :func:`check_output_dir` refuse an existing file
   (without ``force``), a directory named as a file, a file named as a directory, and a place
   that cannot be written, before any work; :func:`atomic_write` leaves either the old file or the
-  new one and never a temporary one.
+  new one and never a temporary one, and every figure is written through it
+  (:func:`save_figure`).
 - **Recovery.** :func:`load_best_or_last` falls back to ``checkpoint.pt`` when ``best.pt`` (and
   its ``.prev``) are unreadable, with a one-line warning.
 
@@ -62,6 +63,7 @@ __all__ = [
     "read_json",
     "read_run_record",
     "run_contents",
+    "save_figure",
     "start_over",
     "write_text_atomic",
 ]
@@ -375,6 +377,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def save_figure(fig: Any, path: str | os.PathLike, **savefig: Any) -> Path:
+    """``fig.savefig(path, **savefig)`` through :func:`atomic_write`: a kill or an error while
+    matplotlib writes leaves the old figure or none, never a torn PNG or PDF. The format is the
+    file name's (``format=`` overrides; no suffix: matplotlib's default)."""
+    path = Path(path)
+    savefig.setdefault("format", path.suffix.lstrip(".") or None)
+    return atomic_write(path, lambda handle: fig.savefig(handle, **savefig))
 
 
 def _umask() -> int:

@@ -14,6 +14,7 @@ import pyro.distributions as dist
 import torch
 
 from .diagnostics import plot_latent_pairs
+from .rundir import save_figure
 from .targets import BOX, Energy, Target, base_distribution, energy_grid
 
 __all__ = ["plot_energy_fits", "plot_guide_draws"]
@@ -65,7 +66,7 @@ def plot_energy_fits(name: str, energy: Energy, fits: Mapping[tuple[str, int], t
         ax.set_yticks([])
     fig.tight_layout()
     path = Path(out) / f"{name.lower()}.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -114,6 +115,6 @@ def plot_guide_draws(target: Target, idatas: Mapping[str, Any], khats: Mapping[s
     fig.suptitle(f"{target.description}\nguide draws (colour) over exact draws (grey)", fontsize=9)
     fig.tight_layout()
     path = Path(out) / f"pair_{target.name}.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path

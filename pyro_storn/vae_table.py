@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .bounds import paired_difference
+from .rundir import save_figure
 
 __all__ = [
     "PUBLISHED",
@@ -367,6 +368,5 @@ def plot_terms(results: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("epoch")
     axes[0, 0].legend(fontsize="small", ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)

@@ -12,6 +12,7 @@ from pyro.distributions.transforms import AffineTransform
 
 from transforms.cnf import solver_options
 
+from ..rundir import save_figure
 from .fit import FitResult
 from .model import EVAL_SOLVER, FlowDensity, solver_settings
 
@@ -94,7 +95,7 @@ def plot_panels(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -121,7 +122,7 @@ def plot_heatmap(
     ax.scatter(points[:, 0], points[:, 1], s=2, color="white", alpha=0.4)
     ax.set_title(title or "density")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -143,7 +144,7 @@ def plot_history(results: dict[str, FitResult], path: str, *, title: str = "") -
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..rundir import save_figure
 from .draws import ImportanceDraws, draw_importance_samples
 from .inference_data import draws_to_inference_data
 from .psis import KHAT_THRESHOLD, ImportanceSummary, summarize_importance
@@ -192,20 +193,20 @@ def write_diagnostics(
         plot_khat(summary, item_name=item_name or item_dim, ax=ax)
         paths["khat"] = out_dir / "khat.png"
         fig.tight_layout()
-        fig.savefig(paths["khat"], dpi=120)
+        save_figure(fig, paths["khat"], dpi=120)
         plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     plot_log_weights(draws, ax=ax)
     paths["log_weights"] = out_dir / "log_weights.png"
     fig.tight_layout()
-    fig.savefig(paths["log_weights"], dpi=120)
+    save_figure(fig, paths["log_weights"], dpi=120)
     plt.close(fig)
 
     if draws.latents:
         axes = plot_latent_pairs(idata, coords=pair_coords)
         fig = np.atleast_1d(axes).flatten()[0].figure
         paths["pair"] = out_dir / "pair.png"
-        fig.savefig(paths["pair"], dpi=120)
+        save_figure(fig, paths["pair"], dpi=120)
         plt.close(fig)
     return paths

@@ -1,0 +1,71 @@
+"""Figures are written atomically (:func:`pyro_storn.rundir.save_figure`): a write that fails part
+way leaves the old file or none at the final path, and no temporary file."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.artist import Artist  # noqa: E402
+
+from pyro_storn.rundir import save_figure  # noqa: E402
+
+# What each format's file starts with.
+MAGIC = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<?xml"}
+
+
+class _DiskFull(Artist):
+    """An artist whose drawing fails, as a full disk fails a write: matplotlib's PDF and SVG
+    writers have already written the file's head by then."""
+
+    def draw(self, renderer) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def _figure(failing: bool = False):
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [1, 0])
+    if failing:
+        fig.add_artist(_DiskFull())
+    return fig
+
+
+@pytest.mark.parametrize("fmt", sorted(MAGIC))
+def test_a_figure_is_written_in_its_suffix_format_and_replaces_the_old_one(tmp_path, fmt):
+    path = tmp_path / "sub" / f"figure.{fmt}"
+    fig = _figure()
+    assert save_figure(fig, path, dpi=50) == path
+    first = path.read_bytes()
+    assert first.startswith(MAGIC[fmt])
+    fig.axes[0].set_title("second")
+    save_figure(fig, path, dpi=50)
+    plt.close(fig)
+    assert path.read_bytes() != first and path.read_bytes().startswith(MAGIC[fmt])
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("fmt", sorted(MAGIC))
+@pytest.mark.parametrize("old", [b"the previous figure", None], ids=["replacing", "new"])
+def test_a_failed_write_leaves_the_old_file_or_none_and_no_temporary(tmp_path, fmt, old):
+    path = tmp_path / f"figure.{fmt}"
+    if old is not None:
+        path.write_bytes(old)
+    fig = _figure(failing=True)
+    with pytest.raises(OSError, match="No space left"):
+        save_figure(fig, path)
+    plt.close(fig)
+    if old is None:
+        assert list(tmp_path.iterdir()) == []
+    else:
+        assert path.read_bytes() == old
+        assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_an_explicit_format_wins_over_the_suffix(tmp_path):
+    path = tmp_path / "figure.out"
+    fig = _figure()
+    save_figure(fig, path, format="pdf")
+    plt.close(fig)
+    assert path.read_bytes().startswith(MAGIC["pdf"])
