@@ -473,8 +473,7 @@ def _diagnose(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from .plots import plot_generation
-    from .report import _feature_names
+    from .report import generation_figure
     from .rundir import check_output_file
     from .runs import GENERATED_NAME, generate_run
 
@@ -485,8 +484,7 @@ def _generate(args: argparse.Namespace) -> None:
     out = generate_run(args.run_dir, n_prefix=args.prefix, n_sequences=args.sequences,
                        num_samples=args.samples, seed=args.seed, device=args.device,
                        checkpoint=args.checkpoint)
-    figure = plot_generation(out["actual"][0], out["generated"][:, 0], args.prefix,
-                             _feature_names(out["actual"].shape[-1]), run_dir / GENERATION_FIGURE)
+    figure = generation_figure(out, run_dir / GENERATION_FIGURE)
     print(f"wrote {run_dir / GENERATED_NAME} and {figure}")
 
 

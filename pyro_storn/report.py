@@ -12,12 +12,13 @@ import numpy as np
 
 from .data.pendulum import ACTION_FEATURE, FEATURES
 from .diagnostics import KHAT_THRESHOLD
-from .plots import plot_flow_terms, plot_generation, plot_khat_per_sequence, plot_losses
+from .plots import (plot_flow_terms, plot_generation, plot_khat_per_sequence, plot_losses,
+                    plot_piano_roll)
 from .runs import EVALUATION_NAME, GENERATED_NAME, read_run_config
 from .tables import MISSING, markdown_table
 from .training import read_metrics
 
-__all__ = ["run_summary", "write_report", "format_table", "khat_sentence"]
+__all__ = ["run_summary", "write_report", "generation_figure", "format_table", "khat_sentence"]
 
 
 def run_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -139,6 +140,23 @@ def _khat_sections(
     return parts
 
 
+def generation_figure(generation: Mapping[str, np.ndarray], path: str | os.PathLike,
+                      title: str = "") -> Path:
+    """The figure of a ``generated.npz`` (:func:`~pyro_storn.runs.generate_run`) for its first
+    sequence: piano rolls when it carries the Bernoulli model's ``probabilities``, signals
+    against time otherwise; padding after the real sequence's last observed step is cut."""
+    actual, generated = generation["actual"][0], generation["generated"][:, 0]
+    n_prefix = int(generation["n_prefix"])
+    if "probabilities" not in generation:
+        return plot_generation(actual, generated, n_prefix, _feature_names(actual.shape[-1]),
+                               path, title=title)
+    observed = np.flatnonzero(generation["mask"][0])
+    length = int(observed[-1]) + 1 if observed.size else actual.shape[0]
+    return plot_piano_roll(actual[:length], generated[:, :length],
+                           generation["probabilities"][0][:length], path, n_prefix=n_prefix,
+                           title=title)
+
+
 def write_report(
     run_dirs: Mapping[str, str | os.PathLike],
     out: str | os.PathLike,
@@ -177,13 +195,14 @@ def write_report(
         if not generated_path.exists():
             continue
         with np.load(generated_path) as data:
-            actual, generated, n_prefix = data["actual"], data["generated"], int(data["n_prefix"])
-        png = plot_generation(actual[0], generated[:, 0], n_prefix,
-                              _feature_names(actual.shape[-1]),
-                              figures / f"generation_{name}.png", title=name)
+            generation = {key: data[key] for key in data.files}
+        png = generation_figure(generation, figures / f"generation_{name}.png", title=name)
+        n_prefix, count = int(generation["n_prefix"]), generation["generated"].shape[0]
+        what = ("Piano rolls: the real test sequence, the model's per-note probabilities on it, "
+                "and " if "probabilities" in generation else "")
         parts += [f"## Generated vs actual: {name}", "",
-                  f"Observed the first {n_prefix} step(s) of a test sequence, generated the "
-                  f"rest {generated.shape[0]} times with z from the prior.", "",
+                  f"{what}the first {n_prefix} step(s) of a test sequence observed and the rest "
+                  f"generated {count} times with z from the prior.", "",
                   f"![generation {name}]({png.relative_to(out.parent)})", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts))

@@ -580,7 +580,9 @@ def generate_run(
 ) -> dict[str, np.ndarray]:
     """Observe the first ``n_prefix`` steps of the first ``n_sequences`` test sequences and
     generate the rest ``num_samples`` times; writes ``generated.npz`` (``actual`` (B, T, D),
-    ``generated`` (S, B, T, D), ``mask``, ``n_prefix``). ``checkpoint`` as in :func:`load_run`."""
+    ``generated`` (S, B, T, D), ``mask``, ``n_prefix``; for a Bernoulli emission also
+    ``probabilities`` (B, T, D), :meth:`STORN.step_probabilities` on the real sequences).
+    ``checkpoint`` as in :func:`load_run`."""
     check_writable_dir(run_dir, "run directory")  # generated.npz goes there
     storn, record = load_run(run_dir, device, checkpoint)
     data = load_run_data(record)
@@ -605,5 +607,9 @@ def generate_run(
                          f"{index}); nothing written")
     out = {"actual": actual.numpy(), "generated": generated.cpu().numpy(),
            "mask": data.mask_test[:n_sequences], "n_prefix": np.array(n_prefix)}
+    if storn.emission_type == "bernoulli":  # for the piano roll: the model's notes on the real ones
+        mask = torch.from_numpy(data.mask_test[:n_sequences]).to(storn.data_loc.device)
+        out["probabilities"] = storn.step_probabilities(
+            actual.to(storn.data_loc.device), mask, num_samples=num_samples).cpu().numpy()
     atomic_write(Path(run_dir) / GENERATED_NAME, lambda handle: np.savez(handle, **out))
     return out

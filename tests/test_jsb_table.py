@@ -1,0 +1,86 @@
+"""The JSB Chorales page from real (tiny) runs: plain and flow guides trained and evaluated by the
+library, paired per frame on the same test sequences, the JSON rows beside the page, the curves
+figure, and a run without evaluation.json named."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from pyro_storn import jsb_table
+from pyro_storn.data.polyphonic import load_polyphonic
+from pyro_storn.runs import TrainConfig, evaluate_run, train
+
+
+def _chorales(path, seed=0):
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        return [[tuple(np.int64(note) for note in rng.choice(np.arange(55, 70), size=3))
+                 for _ in range(rng.integers(3, 7))] for _ in range(n)]
+
+    path.write_bytes(pickle.dumps({"train": split(8), "valid": split(3), "test": split(4)}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jsb")
+    data_path = _chorales(root / "tiny.pickle")
+    data = load_polyphonic(data_path).sequence_data()
+    dirs = []
+    for flow, length in (("none", 0), ("planar", 1)):
+        config = TrainConfig(flow=flow, flow_length=length, latent_dim=2, hidden_dim=8, epochs=2,
+                             batch_size=4, emission="bernoulli", encoder="backward")
+        run_dir = root / f"{flow}_K{length}"
+        train(data, run_dir, config, data_path=data_path, progress=False)
+        evaluate_run(run_dir, num_samples=3, psis_samples=3)
+        dirs.append(run_dir)
+    return dirs
+
+
+def test_page_rows_pair_flow_with_plain(runs, tmp_path):
+    out = tmp_path / "page.md"
+    rows = jsb_table.write_page(runs, out, command="examples/jsb_chorales.sh")
+    plain, flow = rows
+    assert plain["guide"] == "plain" and flow["guide"] == "planar K=1"
+    assert plain["delta_neg_iwae_per_frame"] is None
+    evaluations = [json.loads((run / "evaluation.json").read_text()) for run in runs]
+    frames = sum(evaluations[0]["n_steps"])
+    expected = (np.sum(evaluations[1]["neg_iwae"]) - np.sum(evaluations[0]["neg_iwae"])) / frames
+    assert flow["delta_neg_iwae_per_frame"] == pytest.approx(expected)
+    assert flow["delta_neg_iwae_per_frame_se"] > 0
+    assert flow["test_neg_iwae_per_frame"] == evaluations[1]["neg_iwae_per_step"]
+    page = out.read_text()
+    assert "examples/jsb_chorales.sh" in page and "planar K=1" in page and "6.926" in page
+    records = json.loads(out.with_suffix(".json").read_text())
+    assert [record["guide"] for record in records] == ["plain", "planar K=1"]
+    assert "neg_iwae_per_sequence" not in records[0]
+    assert (tmp_path / "page_curves.png").stat().st_size > 0
+
+
+def test_unevaluated_run_is_named(runs, tmp_path):
+    (tmp_path / "run").mkdir()
+    for name in ("config.json", "metrics.jsonl"):
+        (tmp_path / "run" / name).write_bytes((runs[0] / name).read_bytes())
+    assert jsb_table.main([str(tmp_path / "run"), "--out", str(tmp_path / "page.md")]) == 2
+    with pytest.raises(ValueError, match="evaluation.json"):
+        jsb_table.run_row(tmp_path / "run")
+
+
+def test_bernoulli_generation_and_report_show_piano_rolls(runs, tmp_path):
+    from pyro_storn.report import write_report
+    from pyro_storn.runs import generate_run
+
+    out = generate_run(runs[1], n_prefix=2, n_sequences=2, num_samples=3)
+    probabilities = out["probabilities"]
+    assert probabilities.shape == out["actual"].shape
+    assert ((probabilities >= 0) & (probabilities <= 1)).all()
+    assert (probabilities[~out["mask"]] == 0).all()  # padding: nothing
+    report = write_report({"planar": runs[1]}, tmp_path / "report.md")
+    text = report.read_text()
+    assert "Piano rolls" in text
+    assert (tmp_path / "figures" / "generation_planar.png").stat().st_size > 0
