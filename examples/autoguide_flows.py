@@ -8,11 +8,11 @@ Targets (both normalised, both sampled exactly, so log Z = 0 and the true draws 
 
 Guides: AutoNormal, AutoMultivariateNormal, and
 ``AutoNormalizingFlow(model, transforms.factory(name, length))`` for each flow in ``--flows``
-(skipped with a warning if not registered). Each is fitted by SVI (Trace_ELBO, Adam), then judged
-by its final ELBO (mean of the last 10% of steps), the PSIS k-hat of ``--draws`` importance draws
-(``pyro_storn.diagnostics``; it equals ``pyro.infer.importance.psis_diagnostic`` on the same
-draws), the IWAE bound (log Z = 0 is the truth), ESS, and an ``az.plot_pair`` of its draws over
-the exact ones. Writes ``docs/autoguide_flows.md`` and figures in ``docs/autoguide_flows/``.
+(skipped with a warning if not registered). Each is fitted by SVI (Trace_ELBO, Adam;
+``pyro_storn.autoguide_study.fit_and_judge``), then judged by its final ELBO (mean of the last 10%
+of steps), the PSIS k-hat of ``--draws`` importance draws (``pyro_storn.diagnostics``; it equals
+``pyro.infer.importance.psis_diagnostic`` on the same draws), the IWAE bound (log Z = 0 is the
+truth), ESS, and an ``az.plot_pair`` of its draws over the exact ones. Writes ``docs/autoguide_flows.md`` and figures in ``docs/autoguide_flows/``.
 
     python examples/autoguide_flows.py            # full run, a few minutes on one core
     python examples/autoguide_flows.py --quick --out /tmp/af --doc /tmp/af.md   # seconds
@@ -21,22 +21,18 @@ the exact ones. Writes ``docs/autoguide_flows.md`` and figures in ``docs/autogui
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
 
 import arviz  # noqa: F401  (imported up front so that its import time is in no guide's timing)
-import pyro
 import torch
-from pyro.infer import SVI, Trace_ELBO
-from tqdm.auto import tqdm
 
-from pyro_storn.autoguide_study import GuideResult, SVISettings, guide_builders, verdict, write_page
-from pyro_storn.diagnostics import draw_importance_samples, draws_to_inference_data, summarize_importance
+from pyro_storn.autoguide_study import (GuideResult, SVISettings, fit_and_judge, guide_builders,
+                                        verdict, write_page)
 from pyro_storn.tables import Stopwatch, command_line
 from pyro_storn.target_figures import plot_guide_draws
-from pyro_storn.targets import Target, banana_target, funnel_target
+from pyro_storn.targets import banana_target, funnel_target
 from pyro_storn.validation import check_positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,35 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FLOWS = ("planar", "radial", "sylvester", "iaf", "realnvp", "actnorm+planar")
 # Layers per flow in the full run: the cheap rank-one flows get more layers for similar cost.
 DEFAULT_LENGTHS = {"planar": 8, "radial": 8, "sylvester": 4, "iaf": 4, "realnvp": 4}
-
-
-def fit_and_judge(target: Target, guide_name: str, make_guide, settings: SVISettings, quiet: bool):
-    """SVI fit, then importance draws: the :class:`GuideResult` and the InferenceData (None when
-    the fit failed)."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(settings.seed)
-    guide = make_guide(target.model)
-    svi = SVI(
-        target.model,
-        guide,
-        pyro.optim.ClippedAdam({"lr": settings.lr, "lrd": 0.1 ** (1.0 / settings.steps)}),
-        Trace_ELBO(num_particles=settings.particles, vectorize_particles=True),
-    )
-    clock = Stopwatch()
-    losses = []
-    bar = tqdm(range(settings.steps), desc=f"{target.name} / {guide_name}", leave=False, disable=quiet)
-    for step in bar:
-        loss = svi.step()
-        losses.append(loss)
-        if not math.isfinite(loss):
-            return GuideResult.failed(target.name, guide_name, f"non-finite loss at step {step}",
-                                      clock.wall_s, clock.cpu_s), None
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{loss:.3f}")
-    draws = draw_importance_samples(target.model, guide, num_samples=settings.draws, max_plate_nesting=0)
-    result = GuideResult.judged(target.name, guide_name, losses, summarize_importance(draws),
-                                clock.wall_s, clock.cpu_s)
-    return result, draws_to_inference_data(draws)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,7 +103,8 @@ def main(argv: list[str] | None = None) -> list[GuideResult]:
         target = targets[target_name]
         idatas, khats = {}, {}
         for guide_name, make_guide in builders.items():
-            result, idatas[guide_name] = fit_and_judge(target, guide_name, make_guide, settings, args.quiet)
+            result, idatas[guide_name] = fit_and_judge(target, guide_name, make_guide, settings,
+                                                       progress=not args.quiet)
             results.append(result)
             khats[guide_name] = result.khat
             if not args.quiet:

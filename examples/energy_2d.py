@@ -2,9 +2,10 @@
 
 Each target is an unnormalised density exp(-U(z)). The model puts an improper flat "prior" on z
 and adds ``pyro.factor("energy", -U(z))``; the guide pushes z0 ~ N(0, I) through a flow of K
-layers (``transforms.flow``). SVI then minimises KL(q || p) up to log Z. Because our planar and
-radial layers invert exactly at any point, the learned density q is drawn exactly on a grid
-(``TransformedDistribution.log_prob``), not as a histogram of samples.
+layers (``transforms.flow``). SVI (``pyro_storn.target_fit.fit_energy``) then minimises
+KL(q || p) up to log Z. Because our planar and radial layers invert exactly at any point, the
+learned density q is drawn exactly on a grid (``TransformedDistribution.log_prob``), not as a
+histogram of samples.
 
     python examples/energy_2d.py --quick                 # < 1 minute
     python examples/energy_2d.py                         # K = 8, 16, 32; writes docs/energy_2d/
@@ -21,44 +22,13 @@ import sys
 from pathlib import Path
 
 import pyro
-from pyro.infer import SVI, Trace_ELBO
-from pyro.optim import ClippedAdam
-from tqdm.auto import tqdm
 
 import transforms
 from pyro_storn.tables import Stopwatch
 from pyro_storn.target_figures import plot_energy_fits
-from pyro_storn.targets import ENERGIES, Energy, energy_kl, energy_model, flow_guide
+from pyro_storn.target_fit import fit_energy
+from pyro_storn.targets import ENERGIES, energy_kl
 from pyro_storn.validation import check_positive_int
-
-
-def fit(
-    energy: Energy,
-    flow_name: str,
-    length: int,
-    steps: int,
-    particles: int,
-    learning_rate: float,
-    anneal_fraction: float,
-    seed: int,
-    progress: bool,
-    label: str,
-):
-    """SVI for one (energy, flow, length); returns the trained flow."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    flow = transforms.flow(flow_name, 2, length)
-    elbo = Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=0)
-    # The step size decays tenfold over the run: fast early progress, a settled end.
-    decay = 0.1 ** (1.0 / steps)
-    optimiser = ClippedAdam({"lr": learning_rate, "clip_norm": 10.0, "lrd": decay})
-    svi = SVI(energy_model, flow_guide, optimiser, elbo)
-    anneal_steps = int(anneal_fraction * steps)
-    # Annealing as in [1] (beta_t rising from 0.01 to 1) keeps early q wide, so it finds every mode.
-    for step in tqdm(range(steps), desc=label, leave=False, disable=not progress, mininterval=1.0):
-        beta = 1.0 if step >= anneal_steps else 0.01 + 0.99 * step / max(anneal_steps, 1)
-        svi.step(flow, energy, beta)
-    return flow
 
 
 def _ints(text: str) -> list[int]:
@@ -142,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         fits = {}
         for family in args.flows:
             for length in args.flow_length:
-                flow = fit(
-                    energy, family, length, args.steps, args.particles, args.lr,
-                    args.anneal_fraction, args.seed + index, not args.no_progress,
-                    f"{energy_name} {family} K={length}",
-                )
+                pyro.set_rng_seed(args.seed + index)  # the flow's initial parameters
+                flow = transforms.flow(family, 2, length)
+                fit_energy(flow, energy, steps=args.steps, particles=args.particles, lr=args.lr,
+                           anneal_fraction=args.anneal_fraction, seed=args.seed + index,
+                           progress=not args.no_progress)
                 index += 1
                 neg_elbo, log_z, kl = energy_kl(flow, energy, samples=4096 if not args.quick else 1024)
                 fits[(family, length)] = (flow, kl)

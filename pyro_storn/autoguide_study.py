@@ -1,6 +1,7 @@
 """Our flows inside Pyro's ``AutoNormalizingFlow``, judged on posteriors with exact draws
 (:func:`~pyro_storn.targets.funnel_target`, :func:`~pyro_storn.targets.banana_target`): the
-guides, the result of a fit, which guides pass PSIS, and the results page.
+guides, their fit (:func:`fit_and_judge`, through the one loop), which guides pass PSIS, and the
+results page.
 
 A guide is judged by its final ELBO (:func:`final_elbo`), the PSIS k̂ of importance draws (Yao et
 al. 2018; the same number as ``pyro.infer.importance.psis_diagnostic`` on those draws), the IWAE
@@ -15,6 +16,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyro
@@ -24,8 +26,12 @@ from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, AutoNormali
 
 import transforms
 
-from .diagnostics import KHAT_THRESHOLD, ImportanceSummary
-from .tables import markdown_table
+from .diagnostics import KHAT_THRESHOLD, ImportanceSummary, draw_importance_samples
+from .diagnostics import draws_to_inference_data, summarize_importance
+from .tables import Stopwatch, markdown_table
+from .target_fit import CLIP_NORM, fit_guide
+from .targets import Target
+from .training import NonFiniteLossError
 
 __all__ = [
     "BASELINES",
@@ -33,6 +39,7 @@ __all__ = [
     "GuideResult",
     "SVISettings",
     "final_elbo",
+    "fit_and_judge",
     "guide_builders",
     "prefixed_factory",
     "verdict",
@@ -50,8 +57,9 @@ IWAE_GAP = 0.1
 
 @dataclass(frozen=True)
 class SVISettings:
-    """How every guide is fitted (Trace_ELBO with ``particles`` vectorised particles, ClippedAdam
-    at ``lr`` decayed tenfold over ``steps``) and judged (``draws`` importance draws)."""
+    """How every guide is fitted (:func:`~pyro_storn.target_fit.fit_guide`: Trace_ELBO with
+    ``particles`` vectorised particles, Adam at ``lr`` decayed tenfold over ``steps``, the loop's
+    global-norm clip) and judged (``draws`` importance draws)."""
 
     steps: int
     particles: int
@@ -90,6 +98,27 @@ def final_elbo(losses: Sequence[float]) -> float:
     least one)."""
     tail = max(1, len(losses) // 10)
     return -float(np.mean(losses[-tail:]))
+
+
+def fit_and_judge(target: Target, guide_name: str, make_guide: Callable,
+                  settings: SVISettings, progress: bool = False) -> tuple[GuideResult, Any]:
+    """Fit ``make_guide(target.model)`` by :func:`~pyro_storn.target_fit.fit_guide`, then judge
+    it on importance draws: the :class:`GuideResult` and the draws' ArviZ InferenceData (``None``
+    when the fit failed)."""
+    clock = Stopwatch()
+    guide = make_guide(target.model)
+    try:
+        losses = fit_guide(target.model, guide, steps=settings.steps, particles=settings.particles,
+                           lr=settings.lr, seed=settings.seed, progress=progress)
+    except NonFiniteLossError as error:
+        # the page counts steps from 0
+        return GuideResult.failed(target.name, guide_name, f"non-finite loss at step "
+                                  f"{error.epoch - 1}", clock.wall_s, clock.cpu_s), None
+    draws = draw_importance_samples(target.model, guide, num_samples=settings.draws,
+                                    max_plate_nesting=0)
+    result = GuideResult.judged(target.name, guide_name, losses, summarize_importance(draws),
+                                clock.wall_s, clock.cpu_s)
+    return result, draws_to_inference_data(draws)
 
 
 def prefixed_factory(prefix: Sequence[str], name: str,
@@ -192,8 +221,8 @@ def write_page(path: str | os.PathLike, results: Sequence[GuideResult], figures:
         "# Our flows in Pyro's AutoNormalizingFlow",
         "",
         "Written by `examples/autoguide_flows.py`. Each guide is fitted by SVI (Trace_ELBO, "
-        f"{settings.particles} vectorised particles, ClippedAdam lr {settings.lr} decayed 10x over "
-        f"{settings.steps} steps), then judged on {settings.draws} importance draws: PSIS k-hat "
+        f"{settings.particles} vectorised particles, Adam lr {settings.lr} decayed 10x over "
+        f"{settings.steps} steps, gradient clipped to global norm {CLIP_NORM:g}), then judged on {settings.draws} importance draws: PSIS k-hat "
         "(Yao et al. 2018; the same number as `pyro.infer.importance.psis_diagnostic` on those draws), "
         "the IWAE bound (both targets are normalised: log Z = 0, so IWAE <= 0 and a good guide "
         "reaches about 0) and the importance ESS. Final ELBO: mean of the last 10% of the "

@@ -9,7 +9,9 @@ that is Pyro's ELBO as a module, ``Trace_ELBO()(model, guide)`` (:func:`elbo_mod
 minimises the loss **per example** (the sum divided by the batch size), with
 ``torch.optim.Adam(foreach=True)`` and one clipping rule, :func:`torch.nn.utils.clip_grad_norm_`
 over all parameters together. DDP averages gradients over ranks, so ``W`` ranks with ``B``
-examples each take exactly the step one process takes with ``W * B`` examples.
+examples each take exactly the step one process takes with ``W * B`` examples. A model without
+data (an energy, a target density) passes ``data=None``: each step is ``objective()``, whose value
+is already the loss (e.g. an ELBO over draws of the guide), and an epoch is that one step.
 
 The loop shows a tqdm bar with the running loss, appends one JSON line per epoch to
 ``metrics.jsonl`` (the train loss, the learning rate, and whatever ``epoch_metrics`` returns), and
@@ -250,9 +252,12 @@ def _optimizer_state(state: dict[str, Any], module: nn.Module,
 
 def train_step(objective: nn.Module, batch: Sequence[torch.Tensor], adam: torch.optim.Optimizer,
                parameters: list[nn.Parameter], clip_norm: float | None) -> torch.Tensor:
-    """One step of :func:`fit`: the batch's loss per example, its gradient, the global-norm clip
-    and the optimiser step; returns the loss (a detached device tensor, no host sync)."""
-    loss = objective(*batch) / len(batch[0])
+    """One step of :func:`fit`: the batch's loss per example (an empty batch: the objective's
+    value), its gradient, the global-norm clip and the optimiser step; returns the loss (a
+    detached device tensor, no host sync)."""
+    loss = objective(*batch)
+    if batch:
+        loss = loss / len(batch[0])
     loss.backward()
     if clip_norm is not None:
         torch.nn.utils.clip_grad_norm_(parameters, clip_norm)
@@ -264,10 +269,10 @@ def train_step(objective: nn.Module, batch: Sequence[torch.Tensor], adam: torch.
 def fit(
     objective: nn.Module,
     module: nn.Module,
-    data: Sequence[Any],
+    data: Sequence[Any] | None,
     *,
     epochs: int | None,
-    batch_size: int,
+    batch_size: int | None = None,
     run_dir: str | os.PathLike | None,
     optimizer: Optimizer | None = None,
     seed: int = 0,
@@ -295,7 +300,9 @@ def fit(
 
     :param module: what is optimised and checkpointed (e.g. the STORN).
     :param data: tensors (or datasets indexable by a tensor of indices) of one length; each batch
-        is moved to the device once and passed as ``objective(*batch)``.
+        is moved to the device once and passed as ``objective(*batch)``. ``None``: a model
+        without data; each epoch is one step, ``objective()``, whose value is the loss.
+    :param batch_size: examples per step; required with ``data``, refused without.
     :param epochs: the total number of epochs (a resumed run continues up to it); ``None`` runs
         until ``max_steps``, ``max_seconds`` or ``after_step`` stops it.
     :param run_dir: where ``metrics.jsonl`` and checkpoints go; ``None`` writes nothing (and
@@ -330,6 +337,13 @@ def fit(
     """
     if epochs is not None:
         check_positive_int("epochs", epochs)
+    if data is None:
+        if batch_size is not None:
+            raise ValueError(f"data=None steps on the objective alone and takes no batch_size, "
+                             f"got {batch_size!r}")
+        batch_size = 1  # one step an epoch, over no examples
+    elif batch_size is None:
+        raise ValueError("batch_size is required with data")
     for name, value in (("batch_size", batch_size), ("checkpoint_every", checkpoint_every),
                         ("metrics_every", metrics_every), ("log_every", log_every)):
         check_positive_int(name, value)
@@ -339,10 +353,10 @@ def fit(
         raise ValueError(f"max_seconds must be positive, got {max_seconds!r}")
     if epochs is None and max_steps is None and max_seconds is None and after_step is None:
         raise ValueError("epochs=None needs max_steps, max_seconds or after_step to stop the run")
-    if not data:
-        raise ValueError("data must hold at least one tensor")
-    n = len(data[0])
-    if n == 0 or any(len(t) != n for t in data):
+    if data is not None and not data:
+        raise ValueError("data must hold at least one tensor (None for a model without data)")
+    n = 1 if data is None else len(data[0])
+    if data is not None and (n == 0 or any(len(t) != n for t in data)):
         raise ValueError(f"data tensors must share a non-zero first dim, got "
                          f"{[len(t) for t in data]}")
     if resume and run_dir is None:
@@ -477,12 +491,14 @@ def fit(
             first = start_batch if epoch == start_epoch else 0
             if first > 0 and resumed_losses is not None:
                 losses[:first] = resumed_losses[:first].to(device)
-            bar.set_description(f"epoch {epoch + 1}" + ("" if epochs is None else f"/{epochs}"))
+            bar.set_description(f"{'epoch' if data is not None else 'step'} {epoch + 1}"
+                                + ("" if epochs is None else f"/{epochs}"))
             started = time.perf_counter()
             done = first
             for b in range(first, n_batches):
                 index = order[b * batch_size : (b + 1) * batch_size]
-                batch = tuple(t[index].to(device, non_blocking=True) for t in data)
+                batch = () if data is None else tuple(t[index].to(device, non_blocking=True)
+                                                      for t in data)
                 if before_step is not None:
                     before_step(epoch, order_list[b * batch_size : (b + 1) * batch_size])
                 for group in adam.param_groups:

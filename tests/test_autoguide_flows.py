@@ -14,7 +14,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO
-from pyro.infer.autoguide import AutoNormalizingFlow
+from pyro.infer.autoguide import AutoNormal, AutoNormalizingFlow
 
 import transforms
 from example_scripts import load_example
@@ -22,12 +22,14 @@ from pyro_storn.autoguide_study import (
     GuideResult,
     SVISettings,
     final_elbo,
+    fit_and_judge,
     guide_builders,
     prefixed_factory,
     verdict,
     write_page,
 )
 from pyro_storn.diagnostics import draw_importance_samples, summarize_importance
+from pyro_storn.targets import Target
 
 PER_VECTOR_FLOWS = transforms.available(event_dim=1)
 NUM_OBS = 4
@@ -123,6 +125,18 @@ def test_the_page_marks_high_khats_and_failed_fits(tmp_path):
     assert "| banana | AutoNormal | -1.000 | 0.900 **>0.7** | -0.010 | 50 / 100 | 1.0 | 1.0 |" in text
     assert "| banana | planar x2 | non-finite loss at step 3 |" in text
     assert "- Command: `python x.py`" in text and "![pair_banana](figures/pair_banana.png)" in text
+
+
+def test_a_fit_whose_loss_turns_non_finite_is_reported_not_raised():
+    def model():
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.factor("broken", x * 0.0 - math.inf)  # a valid factor, an infinite loss
+
+    target = Target("broken", model, lambda n, generator: {}, ("x", "x"), "no density")
+    result, idata = fit_and_judge(target, "AutoNormal", AutoNormal,
+                                  SVISettings(steps=5, particles=2, lr=0.01, draws=10))
+    assert result.status == "non-finite loss at step 0" and idata is None
+    assert math.isnan(result.khat)
 
 
 def _load_example():

@@ -1,6 +1,7 @@
 """pyro_storn.targets and its figures: the 2-D energies of Rezende & Mohamed (2015), log Z by
 quadrature, the KL of a flow guide, the exact samplers of the funnel and the banana; and
-examples/energy_2d.py, the script over them."""
+their fit through the one loop (pyro_storn.target_fit); examples/energy_2d.py, the script over
+them."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from example_scripts import load_example
 
 import transforms
 from pyro_storn.target_figures import plot_energy_fits
+from pyro_storn.target_fit import INITIAL_INVERSE_TEMPERATURE, annealed_inverse_temperature, fit_energy
 from pyro_storn.targets import (
     BOX,
     ENERGIES,
@@ -67,6 +69,22 @@ def test_exact_samplers_match_target_densities():
         assert float(log_p) == pytest.approx(expected, abs=0.15)
     with pytest.raises(ValueError, match="dim >= 2, got 1"):
         funnel_target(1)
+
+
+def test_fit_energy_anneals_and_lowers_the_kl():
+    assert [annealed_inverse_temperature(step, 10) for step in (0, 5, 10, 11)] == \
+        pytest.approx([INITIAL_INVERSE_TEMPERATURE, 0.505, 1.0, 1.0])
+    assert annealed_inverse_temperature(0, 0) == 1.0  # no annealing
+    pyro.set_rng_seed(0)
+    flow = transforms.flow("planar", 2, 2)
+    torch.manual_seed(1)
+    before = energy_kl(flow, ENERGIES["U1"], samples=1024)[2]
+    losses = fit_energy(flow, ENERGIES["U1"], steps=40, particles=16, lr=5e-2, anneal_fraction=0.5)
+    torch.manual_seed(1)
+    assert len(losses) == 40 and all(math.isfinite(loss) for loss in losses)
+    assert energy_kl(flow, ENERGIES["U1"], samples=1024)[2] < before
+    with pytest.raises(ValueError, match="anneal_fraction"):
+        fit_energy(flow, ENERGIES["U1"], steps=2, particles=2, lr=1e-2, anneal_fraction=1.0)
 
 
 def test_the_energy_figure_has_a_panel_per_fit(tmp_path):

@@ -33,6 +33,7 @@ from pyro_storn.training import (
     CHECKPOINT_NAME,
     NonFiniteLossError,
     Optimizer,
+    elbo_module,
     epoch_permutation,
     fit,
     read_metrics,
@@ -170,6 +171,49 @@ def test_fit_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="no checkpoint"):
         fit(objective, module, (torch.randn(4),), epochs=1, batch_size=2,
             run_dir=tmp_path / "empty", resume=True)
+    with pytest.raises(ValueError, match="batch_size is required with data"):
+        fit(objective, module, (torch.randn(4),), epochs=1, run_dir=tmp_path)
+
+
+class _GaussianLocation(torch.nn.Module):
+    """A model without data, z ~ N(0, 1), and its guide N(loc, 1): -ELBO = loc^2 / 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.loc = torch.nn.Parameter(torch.tensor(2.0))
+
+    def model(self):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def guide(self):
+        pyro.sample("z", dist.Normal(self.loc, 1.0))
+
+
+def _fit_without_data(run_dir, epochs, **kwargs):
+    owner = _GaussianLocation()
+    elbo = pyro.infer.Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=0)
+    losses, epochs_started = [], []
+    result = fit(elbo_module(elbo, owner), owner, None, epochs=epochs, run_dir=run_dir,
+                 optimizer=Optimizer(lr=0.1), before_epoch=epochs_started.append,
+                 after_step=lambda step, seconds, loss: losses.append(float(loss)),
+                 progress=False, **kwargs)
+    return owner, result, losses, epochs_started
+
+
+def test_a_model_without_data_takes_one_step_an_epoch_on_the_objective_alone(tmp_path):
+    owner, result, losses, epochs_started = _fit_without_data(tmp_path / "full", 6)
+    assert result.steps == result.epochs_completed == 6 and epochs_started == list(range(6))
+    assert [r["train_loss"] for r in read_metrics(tmp_path / "full")] == pytest.approx(losses)
+    # the first loss is the objective's value at the start, from the loop's seed
+    pyro.set_rng_seed(0)
+    start = elbo_module(pyro.infer.Trace_ELBO(num_particles=4, vectorize_particles=True,
+                                              max_plate_nesting=0), _GaussianLocation())()
+    assert losses[0] == pytest.approx(start.item()) and owner.loc.item() < 2.0
+    _fit_without_data(tmp_path / "part", 3)
+    _, resumed, _, _ = _fit_without_data(tmp_path / "part", 6, resume=True)
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in result.history]
+    with pytest.raises(ValueError, match="takes no batch_size"):
+        _fit_without_data(None, 1, batch_size=4)
 
 
 def test_epoch_permutation_is_a_function_of_seed_and_epoch():
