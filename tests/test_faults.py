@@ -24,14 +24,6 @@ from pyro_storn.training import CHECKPOINT_NAME, read_metrics
 TINY = ["--hidden-dim", "6", "--latent-dim", "2", "--batch-size", "4", "--seed", "2", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def pendulum(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "pendulum.npz"
-    assert main(["simulate", "--out", str(path), "--n-sequences", "10", "--n-steps", "6",
-                 "--seed", "1"]) == 0
-    return path
-
-
 def _config(epochs: int) -> TrainConfig:
     return TrainConfig(hidden_dim=6, latent_dim=2, batch_size=4, seed=2, epochs=epochs)
 

