@@ -1,24 +1,37 @@
 #!/usr/bin/env bash
-# STORN on JSB Chorales (Bernoulli emission, backward encoder, Pyro's DMM-style regularisation),
-# plain guide then IAF x2, each resumable: rerun this script to continue (a larger EPOCHS extends).
-# Usage: examples/jsb_chorales.sh [DATA] [RUNS_DIR]; one process, one thread.
+# STORN on JSB Chorales: Bernoulli emission, backward encoder, the MLP emission of [h_t, z_t];
+# for each seed the plain guide and each flow guide, each resumable (rerun this script to continue;
+# a larger EPOCHS extends), evaluated at the best-validation checkpoint (-IWAE with S = 100), then
+# the page docs/storn_jsb_chorales.md (python -m pyro_storn.jsb_table) over every run in RUNS_DIR.
+# Usage: examples/jsb_chorales.sh [DATA] [RUNS_DIR]; one process, one thread. Environment:
+# EPOCHS (700), SEEDS ("0"), GUIDES ("none:0 iaf:2"), EMISSION_HIDDEN (256; 0 is STORN's linear
+# emission), WEIGHT_DECAY (0.01), PAGE (docs/storn_jsb_chorales.md; empty: no page).
 set -euo pipefail
 DATA=${1:-../shared/data/jsb_chorales/jsb_chorales.pickle}
 RUNS=${2:-runs/jsb}
-EPOCHS=${EPOCHS:-1500}
+EPOCHS=${EPOCHS:-700}
 SEEDS=${SEEDS:-0}
+GUIDES=${GUIDES:-"none:0 iaf:2"}
+EMISSION_HIDDEN=${EMISSION_HIDDEN:-256}
+WEIGHT_DECAY=${WEIGHT_DECAY:-0.01}
+PAGE=${PAGE-docs/storn_jsb_chorales.md}
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1
-COMMON=(--data "$DATA" --emission bernoulli --encoder backward --latent-dim 32 --hidden-dim 128
-        --batch-size 20 --lr 1e-3 --lr-decay 0.999 --weight-decay 0.1 --kl-anneal-epochs 100
-        --metrics-every 10 --checkpoint-every 10 --epochs "$EPOCHS" --quiet)
+COMMON=(--data "$DATA" --emission bernoulli --encoder backward --emission-hidden "$EMISSION_HIDDEN"
+        --latent-dim 32 --hidden-dim 128 --batch-size 20 --lr 1e-3 --lr-decay 0.999
+        --weight-decay "$WEIGHT_DECAY" --kl-anneal-epochs 100 --metrics-every 10
+        --checkpoint-every 10 --epochs "$EPOCHS" --quiet)
 for seed in $SEEDS; do
-  for guide in "none 0" "iaf 2"; do
-    set -- $guide
-    out="$RUNS/${1}_K${2}_seed${seed}"
+  for guide in $GUIDES; do
+    flow=${guide%%:*} length=${guide##*:}
+    out="$RUNS/${flow}_K${length}_mlp${EMISSION_HIDDEN}_wd${WEIGHT_DECAY}_seed${seed}"
     resume=(); [[ -f "$out/checkpoint.pt" ]] && resume=(--resume)
-    "$PY" -m pyro_storn.cli train --out "$out" --flow "$1" --flow-length "$2" --seed "$seed" \
-      "${COMMON[@]}" "${resume[@]}"
+    "$PY" -m pyro_storn.cli train --out "$out" --flow "$flow" --flow-length "$length" \
+      --seed "$seed" "${COMMON[@]}" "${resume[@]}"
     "$PY" -m pyro_storn.cli evaluate "$out" --samples 100
   done
 done
+if [[ -n "$PAGE" ]]; then
+  "$PY" -m pyro_storn.jsb_table "$RUNS"/*/ --out "$PAGE" \
+    --command "EPOCHS=$EPOCHS SEEDS='$SEEDS' GUIDES='$GUIDES' EMISSION_HIDDEN=$EMISSION_HIDDEN WEIGHT_DECAY=$WEIGHT_DECAY examples/jsb_chorales.sh $DATA $RUNS"
+fi

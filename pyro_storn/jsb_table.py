@@ -29,6 +29,7 @@ from .tables import MISSING, markdown_table, mean_sd
 from .training import read_metrics
 
 __all__ = ["PUBLISHED", "TARGET_NEG_ELBO", "TARGET_NEG_IWAE", "TIME_TO_QUALITY", "run_row",
+           "train_command",
            "pair_rows", "write_page", "main"]
 
 # Published test results on JSB Chorales, nats per frame: (model, value, kind, source).
@@ -65,6 +66,22 @@ def _model(config: dict[str, Any]) -> str:
             f"{config['latent_dim']}, GRU {config['hidden_dim']}, wd {config.get('weight_decay', 0)}")
 
 
+# config.json key -> ``pyro-storn train`` flag, for the command that reproduces a run.
+TRAIN_FLAGS = (("flow", "--flow"), ("flow_length", "--flow-length"), ("seed", "--seed"),
+               ("emission", "--emission"), ("encoder", "--encoder"),
+               ("emission_hidden", "--emission-hidden"), ("latent_dim", "--latent-dim"),
+               ("hidden_dim", "--hidden-dim"), ("batch_size", "--batch-size"), ("lr", "--lr"),
+               ("lr_decay", "--lr-decay"), ("weight_decay", "--weight-decay"),
+               ("adam_beta1", "--adam-beta1"), ("clip_norm", "--clip-norm"),
+               ("kl_anneal_epochs", "--kl-anneal-epochs"), ("epochs", "--epochs"))
+
+
+def train_command(run_dir: str | Path, config: dict[str, Any]) -> str:
+    """The ``pyro-storn train`` line that reproduces a run from its recorded configuration."""
+    flags = " ".join(f"{flag} {config[key]}" for key, flag in TRAIN_FLAGS if key in config)
+    return f"pyro-storn train --data DATA --out {run_dir} {flags}"
+
+
 def run_row(run_dir: str | Path) -> dict[str, Any]:
     """One run's row: its configuration, best epoch, bounds per frame and the per-sequence values
     the pairing needs, training seconds, and when its test -ELBO first reached
@@ -88,7 +105,8 @@ def run_row(run_dir: str | Path) -> dict[str, Any]:
                     if row.get("test/neg_elbo_per_step", math.inf) <= TIME_TO_QUALITY), None)
     psis = evaluation.get("psis", {})
     return {
-        "run": str(run_dir), "model": _model(config), "guide": _guide(config),
+        "run": str(run_dir), "command": train_command(run_dir, config),
+        "model": _model(config), "guide": _guide(config),
         "flow": config.get("flow", "none"), "K": int(config.get("flow_length", 0)),
         "seed": int(config["seed"]), "epochs": len(history), "best_epoch": best_epoch,
         "valid_neg_elbo_per_frame": best.get("validation/neg_elbo_per_step"),
@@ -270,6 +288,9 @@ def write_page(run_dirs: Sequence[str | Path], out: str | Path, command: str = "
         "after 5000 epochs).", "",
         _table(rows), "",
     ]
+    parts += ["Each run's training, from its config.json (then `pyro-storn evaluate RUN "
+              "--samples S`):", ""]
+    parts += [f"- `{row['command']}`" for row in rows] + [""]
     parts += _verdicts(rows)
     parts += ["## Curves", "", f"![curves]({figure.name})", "",
               "Dashed: 6.87 (Pyro's DMM, no IAF); dotted: 6.80 (the -ELBO target); grey: 60 "

@@ -84,3 +84,15 @@ def test_bernoulli_generation_and_report_show_piano_rolls(runs, tmp_path):
     text = report.read_text()
     assert "Piano rolls" in text
     assert (tmp_path / "figures" / "generation_planar.png").stat().st_size > 0
+
+
+def test_train_command_reproduces_the_recorded_flags(runs):
+    from pyro_storn.cli import build_parser
+
+    row = jsb_table.run_row(runs[1])
+    argv = row["command"].split()[1:]
+    args = build_parser().parse_args(argv)
+    config = json.loads((runs[1] / "config.json").read_text())["config"]
+    assert (args.flow, args.flow_length, args.encoder, args.emission) == (
+        config["flow"], config["flow_length"], config["encoder"], config["emission"])
+    assert args.epochs == config["epochs"] and args.hidden_dim == config["hidden_dim"]
