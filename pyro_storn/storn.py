@@ -87,6 +87,8 @@ from torch.distributions import Transform
 
 import transforms
 
+from .validation import check_non_negative_int, check_positive_int
+
 __all__ = ["STORN", "RNN_TYPES", "EMISSIONS", "ENCODERS", "within_length", "reverse_within_length"]
 
 RNN_TYPES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
@@ -187,13 +189,11 @@ class STORN(nn.Module):
         flow_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
-        for name, value in (("input_dim", input_dim), ("latent_dim", latent_dim),
-                            ("hidden_dim", hidden_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name, value in (("flow_length", flow_length), ("emission_hidden", emission_hidden)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        input_dim = check_positive_int("input_dim", input_dim)
+        latent_dim = check_positive_int("latent_dim", latent_dim)
+        hidden_dim = check_positive_int("hidden_dim", hidden_dim)
+        flow_length = check_non_negative_int("flow_length", flow_length)
+        emission_hidden = check_non_negative_int("emission_hidden", emission_hidden)
         if rnn not in RNN_TYPES:
             raise ValueError(f"unknown rnn {rnn!r}; valid choices: {', '.join(RNN_TYPES)}")
         if emission not in EMISSIONS:

@@ -1,18 +1,20 @@
 """Argument checks shared by every module, so that a bad value is named the same way everywhere.
 
 The positive-int check is the registry's own (:func:`transforms.registry.check_positive_int`):
-``transforms`` cannot import ``pyro_storn``, so the one copy lives there.
+``transforms`` cannot import ``pyro_storn``, so the one copy lives there. Both checks take numpy
+integers as ints and return Python ints.
 """
 
 from __future__ import annotations
 
-from transforms.registry import check_positive_int
+from transforms.registry import check_positive_int, is_int
 
 __all__ = ["check_positive_int", "check_non_negative_int"]
 
 
 def check_non_negative_int(name: str, value: object) -> int:
-    """``value`` when it is an int >= 0 (not a bool); ``ValueError`` naming it otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    """``value`` as a Python int when it is an int >= 0 (a numpy int is, a bool is not);
+    ``ValueError`` naming it otherwise."""
+    if not is_int(value) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    return value
+    return int(value)

@@ -344,7 +344,7 @@ def test_split_per_digit_is_disjoint_balanced_and_seeded():
     assert sorted(np.concatenate([train, test])) == list(range(len(labels)))
     counts = np.bincount(labels[test], minlength=10)
     assert counts.max() - counts.min() <= 1 and counts[9] == 11
-    again = mnist.split_per_digit(labels, 101, seed=5)
+    again = mnist.split_per_digit(labels, np.int64(101), seed=5)  # a count read from an array
     np.testing.assert_array_equal(again[1], test)
     other = mnist.split_per_digit(labels, 101, seed=6)
     assert set(other[1]) != set(test)

@@ -67,9 +67,15 @@ def test_default_size_is_fast():
 
 
 def test_bad_arguments():
-    for kwargs in ({"n_sequences": 0}, {"n_steps": -1}, {"seed": -3}, {"n_sequences": 2.5}):
+    for kwargs in ({"n_sequences": 0}, {"n_steps": -1}, {"seed": -3}, {"n_sequences": 2.5},
+                   {"n_steps": True}, {"seed": False}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             simulate(**{"n_sequences": 3, "n_steps": 3, **kwargs})
+
+
+def test_numpy_integers_are_ints():
+    np.testing.assert_array_equal(simulate(np.int64(3), np.int32(4), seed=np.int64(2)),
+                                  simulate(3, 4, seed=2))
 
 
 def test_split_is_80_20():

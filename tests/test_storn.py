@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -245,6 +246,15 @@ def test_bad_arguments():
         STORN(3, flow="no_such_flow", flow_length=2)
     with pytest.raises(ValueError, match="unknown rnn"):
         STORN(3, rnn="transformer")
+    for name, value in (("latent_dim", True), ("hidden_dim", 4.0), ("emission_hidden", False)):
+        with pytest.raises(ValueError, match=f"{name} must be a .*int, got {value!r}"):
+            STORN(3, **{name: value})
+
+
+def test_sizes_read_from_arrays_are_ints():
+    storn = STORN(np.int64(3), np.int32(2), np.int64(4), flow="planar", flow_length=np.int64(1))
+    assert (storn.input_dim, storn.latent_dim, storn.hidden_dim) == (3, 2, 4)
+    assert all(type(v) is int for v in (storn.input_dim, storn.latent_dim, storn.hidden_dim))
 
 
 @pytest.mark.parametrize("rnn", ["lstm", "rnn"])

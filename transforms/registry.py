@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from pyro.distributions import ConditionalTransformModule, TransformModule
 from pyro.distributions.conditional import ConditionalComposeTransformModule
@@ -131,13 +132,19 @@ def info(name: str) -> FlowInfo:
         ) from None
 
 
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer: a Python or numpy int (sizes read from arrays are numpy
+    ints), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def check_positive_int(name: str, value: Any) -> int:
-    """``value``; ValueError ``"<name> must be a positive int, got <value>"`` unless it is an
-    int >= 1 (a bool is not): the one check of sizes, counts and lengths, in ``transforms`` and
-    ``pyro_storn`` alike."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    """``value`` as a Python int; ValueError ``"<name> must be a positive int, got <value>"``
+    unless it is an int >= 1 (:func:`is_int`: a numpy int is, a bool or a float is not): the one
+    check of sizes, counts and lengths, in ``transforms`` and ``pyro_storn`` alike."""
+    if not is_int(value) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 def _check_dims(entry: FlowInfo, input_dim: Any, context_dim: Any) -> None:
@@ -150,7 +157,7 @@ def _check_dims(entry: FlowInfo, input_dim: Any, context_dim: Any) -> None:
         )
     if context_dim is None:
         return
-    if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim <= 0:
+    if not is_int(context_dim) or context_dim <= 0:
         raise ValueError(f"context_dim must be a positive int or None, got {context_dim!r}")
     if not entry.conditional:
         raise ValueError(

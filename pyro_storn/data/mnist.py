@@ -193,11 +193,6 @@ class DynamicBinarization(torch.utils.data.Dataset):
 # Loaders
 
 
-def _python_int(value: object) -> object:
-    """A numpy integer as the int it is (other values unchanged, for the check to name)."""
-    return int(value) if isinstance(value, np.integer) else value
-
-
 def load_mnist(
     root: str | os.PathLike,
     *,
@@ -282,7 +277,7 @@ def split_per_digit(
     """Disjoint training and test indices covering all of ``labels``, ``n_test`` of them test
     indices taken from each digit in proportion to its count (the rounding remainder going to
     the most frequent digits), chosen and ordered by a generator seeded with ``seed``."""
-    check_positive_int("n_test", _python_int(n_test))
+    n_test = check_positive_int("n_test", n_test)
     labels = np.asarray(labels)
     if n_test >= len(labels):
         raise ValueError(f"n_test must be below the {len(labels)} images, got {n_test}")
@@ -312,7 +307,7 @@ def load_mnist_5k(
 
     With the defaults: 4000 / 1000, 400 / 100 of each digit. The split depends only on ``seed``.
     """
-    check_positive_int("n_test", _python_int(n_test))
+    n_test = check_positive_int("n_test", n_test)
     pixels, labels = read_mnist_5k(path)
     train_index, test_index = split_per_digit(labels, n_test, seed)
     grey = pixels.astype(np.float32) / 255.0

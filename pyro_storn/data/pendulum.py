@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..rundir import atomic_write
+from ..validation import check_non_negative_int, check_positive_int
 
 __all__ = [
     "FEATURES",
@@ -65,11 +66,6 @@ class PendulumParams:
     seed: int = 0
     with_action: bool = False
     test_fraction: float = TEST_FRACTION
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _angle_normalize(theta: np.ndarray) -> np.ndarray:
@@ -128,11 +124,9 @@ def simulate(
     >>> x.shape
     (10, 20, 4)
     """
-    _check_positive_int("n_sequences", n_sequences)
-    _check_positive_int("n_steps", n_steps)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    theta, theta_dot, actions = _draw(int(n_sequences), int(n_steps), int(seed))
+    theta, theta_dot, actions = _draw(check_positive_int("n_sequences", n_sequences),
+                                      check_positive_int("n_steps", n_steps),
+                                      check_non_negative_int("seed", seed))
     return simulate_with_initial_state(theta, theta_dot, actions, with_action=with_action)
 
 
