@@ -3,7 +3,8 @@
 For every flow in ``--flows`` (``none`` = plain STORN), every length in ``--lengths`` and every seed
 in ``--seeds``: train STORN (latent 2, hidden 128, batch 20, Adam 1e-3 by default), evaluate the
 test -ELBO and the IWAE bound (S = 100), and write a table of mean ± sd over seeds, with wall
-time, into ``--out`` (Markdown). Unregistered flow names are skipped with a warning.
+time, as the grid's section of the Markdown page ``--out`` (replacing the section of that name,
+or appended; the rest of the page is kept). Unregistered flow names are skipped with a warning.
 
 The full grid::
 
@@ -23,7 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pyro_storn.pendulum_grid import Grid, run_grid, write_page
+from pyro_storn.pendulum_grid import Grid, page_section, run_grid, write_page
 from pyro_storn.runs import FLOW_STARTS, TrainConfig
 from pyro_storn.tables import command_line
 
@@ -79,13 +80,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "finished runs with the same settings are reused "
                              "(default: %(default)s)")
     parser.add_argument("--out", default="docs/storn_pendulum.md",
-                        help="Markdown table written here, its figures beside it in "
-                             "figures/<name>_losses.png and _flow_terms.png "
+                        help="Markdown page the grid's section is written into, between "
+                             "'<!-- pendulum_grid:NAME begin -->' and '... end -->' lines "
+                             "(that section is replaced, or appended; the rest of the page is "
+                             "kept), its figures beside it in figures/NAME_losses.png etc. "
                              "(default: %(default)s)")
+    parser.add_argument("--section", default=None, metavar="NAME",
+                        help="the section's name (default: the --runs folder's name)")
     parser.add_argument("--notes-file", default=None,
                         help="Markdown appended to the results (discussion)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:  # before the grid runs for hours, not after
+        args.section = page_section(args.out, args.runs, args.section)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run_grid(grid, args.runs, progress=not args.quiet)
     command = command_line("examples/storn_pendulum.py", sys.argv[1:] if argv is None else argv)
     notes = None if args.notes_file is None else Path(args.notes_file).read_text()
-    print(f"wrote {write_page(grid, results, args.runs, args.out, command, notes)}")
+    page = write_page(grid, results, args.runs, args.out, command, notes, args.section)
+    print(f"wrote {page} (section {args.section!r})")
     return 0
 
 

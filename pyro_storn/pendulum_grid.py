@@ -2,14 +2,16 @@
 guides (flow, length K) and seeds, its tables and its results page.
 
 A :class:`Grid` names the runs; :func:`run_grid` trains and evaluates each one that is not
-already finished with the same settings, and :func:`write_page` writes the Markdown page: mean
-± sd over seeds, the paired difference to plain STORN with the same seed, and one row per run
-with the epoch from which it used its latent.
+already finished with the same settings, and :func:`write_page` writes the grid's section of a
+Markdown page: mean ± sd over seeds, the paired difference to plain STORN with the same seed,
+and one row per run with the epoch from which it used its latent. One page holds the sections of
+several grids, each between its own markers, beside text written by hand.
 
 >>> grid = Grid(flows=["none", "planar"], lengths=[2], seeds=[0, 1],
 ...             base=TrainConfig(epochs=100))                               # doctest: +SKIP
 >>> results = run_grid(grid, "runs/storn_pendulum")                         # doctest: +SKIP
->>> write_page(grid, results, "docs/storn_pendulum.md", command)            # doctest: +SKIP
+>>> write_page(grid, results, "runs/storn_pendulum", "docs/storn_pendulum.md",
+...            command)                                                     # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -35,6 +38,7 @@ from .diagnostics import KHAT_THRESHOLD
 from .latent_use import LATENT_IN_USE_KL, latent_in_use_epoch
 from .plots import plot_every_seed, plot_flow_terms, plot_losses
 from .report import run_summary
+from .rundir import write_text_atomic
 from .runs import CONFIG_NAME, EVALUATION_NAME, TrainConfig, evaluate_run, train, validation_split
 from .tables import MISSING, Stopwatch, markdown_table, mean_sd, paired_over_seeds
 from .training import read_metrics
@@ -46,12 +50,15 @@ __all__ = [
     "TIMING_NAME",
     "Grid",
     "GridResults",
+    "PAGE_TITLE",
     "guide_name",
     "run_cell",
     "run_grid",
     "run_is_finished",
     "run_name",
+    "page_section",
     "run_table",
+    "section_markers",
     "summary_table",
     "write_page",
 ]
@@ -237,8 +244,9 @@ def run_table(results: dict[tuple[str, int], list[dict[str, Any]]],
                            f"test KL ≥ {LATENT_IN_USE_KL:g} from epoch to the end"], rows)
 
 
-def _figures(grid: Grid, results: GridResults, runs: Path, out: Path) -> dict[str, Path]:
-    """The page's figures, named after it so that pages of several grids share one folder."""
+def _figures(grid: Grid, results: GridResults, runs: Path, out: Path,
+             name: str) -> dict[str, Path]:
+    """The section's figures, named after it so that the grids of a page share one folder."""
     figures = out.parent / "figures"
     first_seed = {f"{flow} K={k}": read_metrics(runs / run_name(flow, k, grid.seeds[0]))
                   for flow, k in results.runs}
@@ -246,15 +254,15 @@ def _figures(grid: Grid, results: GridResults, runs: Path, out: Path) -> dict[st
                   [results.histories[run_name(flow, k, s["seed"])] for s in summaries]
                   for (flow, k), summaries in results.runs.items()}
     return {
-        "losses": plot_losses(first_seed, figures / f"{out.stem}_losses.png"),
-        "flow terms": plot_flow_terms(first_seed, figures / f"{out.stem}_flow_terms.png"),
+        "losses": plot_losses(first_seed, figures / f"{name}_losses.png"),
+        "flow terms": plot_flow_terms(first_seed, figures / f"{name}_flow_terms.png"),
         "KL, every run": plot_every_seed(
             every_seed, "test/kl", "test KL per sequence, every run (dashed: latent in use)",
-            figures / f"{out.stem}_kl_every_seed.png", log_scale=True,
+            figures / f"{name}_kl_every_seed.png", log_scale=True,
             reference=LATENT_IN_USE_KL),
         "-ELBO, every run": plot_every_seed(
             every_seed, "test/neg_elbo", "test -ELBO per sequence, every run",
-            figures / f"{out.stem}_neg_elbo_every_seed.png"),
+            figures / f"{name}_neg_elbo_every_seed.png"),
     }
 
 
@@ -287,20 +295,71 @@ def _selection(grid: Grid, n_validation: int) -> str:
     return selection
 
 
-def write_page(grid: Grid, results: GridResults, runs: str | os.PathLike,
-               out: str | os.PathLike, command: str, notes: str | None = None) -> Path:
-    """Write the results page ``out`` (Markdown) with its figures in ``<out dir>/figures``;
-    ``command`` is the invocation the page names, ``notes`` Markdown appended to it."""
+# A section name goes into an HTML comment, where "--" would end it.
+_SECTION_NAME = re.compile(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*")
+PAGE_TITLE = "# STORN with flow guides on the inverted pendulum"
+
+
+def section_markers(name: str) -> tuple[str, str]:
+    """The lines that open and close grid ``name``'s section of a page."""
+    if not _SECTION_NAME.fullmatch(name):
+        raise ValueError(f"a section name is letters, digits, '_', '.' and single '-', "
+                         f"got {name!r}")
+    return f"<!-- pendulum_grid:{name} begin -->", f"<!-- pendulum_grid:{name} end -->"
+
+
+def _spliced(page: str, name: str, section: str, path: Path) -> str:
+    """``page`` with the lines between ``name``'s markers (included) replaced by ``section``,
+    or with ``section`` appended when it has none; every other line as it was."""
+    begin, end = section_markers(name)
+    lines = page.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.strip() == begin]
+    ends = [i for i, line in enumerate(lines) if line.strip() == end]
+    if not starts and not ends:
+        return page + ("" if page.endswith("\n") or not page else "\n") + "\n" + section
+    if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
+        raise ValueError(f"{path}: section {name!r} must be one {begin!r} line followed by one "
+                         f"{end!r} line, found {len(starts)} and {len(ends)}; fix the page by "
+                         "hand, it was not changed")
+    return "".join(lines[: starts[0]]) + section + "".join(lines[ends[0] + 1 :])
+
+
+def page_section(out: str | os.PathLike, runs: str | os.PathLike,
+                 section: str | None = None) -> str:
+    """The name of the section :func:`write_page` writes into page ``out`` (``section``, or the
+    runs folder's name), once the name and the page's markers are checked: ``ValueError``
+    otherwise, so that a grid can be checked before it runs for hours."""
     out = Path(out)
-    figures = {name: path.relative_to(out.parent)
-               for name, path in _figures(grid, results, Path(runs), out).items()}
+    name = Path(runs).resolve().name if section is None else section
+    section_markers(name)
+    if out.exists():
+        _spliced(out.read_text(), name, "", out)
+    return name
+
+
+def write_page(grid: Grid, results: GridResults, runs: str | os.PathLike,
+               out: str | os.PathLike, command: str, notes: str | None = None,
+               section: str | None = None) -> Path:
+    """Write grid ``section``'s part of the Markdown page ``out`` (the runs folder's name by
+    default), its figures in ``<out dir>/figures``; ``command`` is the invocation it names,
+    ``notes`` Markdown appended to it.
+
+    The section lies between the lines :func:`section_markers` gives. On an existing page it
+    replaces the section of the same name, or is appended when there is none; the rest of the
+    page is left exactly as it was. A new page gets a title first.
+    """
+    out, runs = Path(out), Path(runs)
+    name = page_section(out, runs, section)  # a broken page stops here, before any figure
+    begin, end = section_markers(name)
+    figures = {key: path.relative_to(out.parent)
+               for key, path in _figures(grid, results, runs, out, name).items()}
     summaries = [s for runs_of_guide in results.runs.values() for s in runs_of_guide]
     psis_draws = ", ".join(sorted({str(s["psis_num_samples"]) for s in summaries
                                    if "psis_num_samples" in s}))
     psis_draws = f"{psis_draws} draws each" if psis_draws else "not computed for these runs"
     base = grid.base
     parts = [
-        "# STORN with flow guides on the inverted pendulum", "",
+        begin, f"### Grid `{name}`", "",
         "Written by `examples/storn_pendulum.py`. Command:", "", f"    {command}", "",
         f"Data: gymnasium `Pendulum-v1` under uniformly random torque, {grid.n_sequences} "
         f"sequences x {grid.n_steps} steps, features [cos θ, sin θ, θ̇, reward], 80/20 "
@@ -325,7 +384,7 @@ def write_page(grid: Grid, results: GridResults, runs: str | os.PathLike,
         summary_table(results.runs), "",
         f"![losses]({figures['losses']})", "",
         f"![flow terms]({figures['flow terms']})", "",
-        "## Every run", "",
+        "#### Every run", "",
         "Single-sample test KL of each epoch's parameters; a run counts as using its latent from "
         f"the epoch where it reaches {LATENT_IN_USE_KL:g} nats per sequence and stays there to "
         "the last epoch ('never': it ended below; collapsed runs sit at 1-3).", "",
@@ -334,7 +393,7 @@ def write_page(grid: Grid, results: GridResults, runs: str | os.PathLike,
         f"![-ELBO, every run]({figures['-ELBO, every run']})", "",
     ]
     if notes is not None:
-        parts += [notes, ""]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(parts))
-    return out
+        parts += [notes.rstrip("\n"), ""]
+    parts.append(end)
+    page = out.read_text() if out.exists() else f"{PAGE_TITLE}\n"
+    return write_text_atomic(out, _spliced(page, name, "\n".join(parts) + "\n", out))

@@ -1,5 +1,5 @@
-"""pyro_storn.pendulum_grid on a tiny grid: it trains, evaluates, writes the page with its figures,
-and reuses finished runs."""
+"""pyro_storn.pendulum_grid on a tiny grid: it trains, evaluates, writes its section of a page
+with its figures (the rest of the page untouched), and reuses finished runs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pyro_storn.latent_use import LATENT_IN_USE_KL
-from pyro_storn.pendulum_grid import Grid, run_grid, write_page
+from pyro_storn.pendulum_grid import PAGE_TITLE, Grid, page_section, run_grid, write_page
 from pyro_storn.runs import TrainConfig
 
 TINY = {"n_sequences": 20, "n_steps": 8, "iwae_samples": 3}
@@ -44,8 +44,8 @@ def test_tiny_grid_writes_the_tables_and_reuses_runs(tmp_path):
                (runs / "radial_K2_seed1" / "metrics.jsonl").read_text().splitlines()]
     expected = "never" if history[-1]["test/kl"] < LATENT_IN_USE_KL else "1"
     assert run_rows[3].rstrip(" |").split(" | ")[-1] == expected
-    for figure in ("pendulum_losses.png", "pendulum_flow_terms.png", "pendulum_kl_every_seed.png",
-                   "pendulum_neg_elbo_every_seed.png"):  # named after the page
+    for figure in ("runs_losses.png", "runs_flow_terms.png", "runs_kl_every_seed.png",
+                   "runs_neg_elbo_every_seed.png"):  # named after the section, the runs folder
         assert (out.parent / "figures" / figure).stat().st_size > 0
         assert f"](figures/{figure})" in text
     timing = json.loads((runs / "radial_K2_seed1" / "timing.json").read_text())
@@ -55,6 +55,43 @@ def test_tiny_grid_writes_the_tables_and_reuses_runs(tmp_path):
     text = _page(grid, runs, out)
     assert (runs / "radial_K2_seed1" / "timing.json").stat().st_mtime_ns == before
     assert [line for line in text.splitlines() if line.startswith("| STORN")] == rows + run_rows
+
+
+HAND_WRITTEN_HEAD = "# A page\n\nWritten by hand: the at-a-glance table.\n\n## Current protocol\n"
+HAND_WRITTEN_TAIL = ("\n## Earlier protocols\n\n<!-- pendulum_grid:older begin -->\nan older "
+                     "grid's table\n<!-- pendulum_grid:older end -->\n\nA last hand-written line")
+
+
+def test_the_grid_writes_only_its_own_section_of_the_page(tmp_path):
+    grid, runs = _grid(["none"], [0], n_sequences=16, n_steps=6, iwae_samples=2), tmp_path / "runs"
+    results = run_grid(grid, runs, progress=False)
+    fresh = write_page(grid, results, runs, tmp_path / "new.md", "python run.py")
+    assert fresh.read_text().startswith(f"{PAGE_TITLE}\n\n<!-- pendulum_grid:runs begin -->\n")
+    out = tmp_path / "page.md"
+    out.write_text(HAND_WRITTEN_HEAD + HAND_WRITTEN_TAIL)
+    write_page(grid, results, runs, out, "python first.py")  # appended: no section 'runs' yet
+    text = out.read_text()
+    assert text.startswith(HAND_WRITTEN_HEAD + HAND_WRITTEN_TAIL + "\n\n<!-- pendulum_grid:runs begin")
+    assert text.endswith("<!-- pendulum_grid:runs end -->\n") and "python first.py" in text
+    # moved by hand into the current protocol, then rewritten: only the section changes
+    begin, end = text.index("<!-- pendulum_grid:runs begin"), text.index("<!-- pendulum_grid:runs end")
+    section = text[begin:end] + "<!-- pendulum_grid:runs end -->\n"
+    out.write_text(HAND_WRITTEN_HEAD + section + HAND_WRITTEN_TAIL)
+    write_page(grid, results, runs, out, "python second.py", notes="A note.")
+    rewritten = out.read_text()
+    assert rewritten.startswith(HAND_WRITTEN_HEAD + "<!-- pendulum_grid:runs begin -->\n### Grid `runs`")
+    assert rewritten.endswith("A note.\n\n<!-- pendulum_grid:runs end -->\n" + HAND_WRITTEN_TAIL)
+    assert "python second.py" in rewritten and "python first.py" not in rewritten
+    assert rewritten.count("pendulum_grid:runs begin") == 1
+    # another name is another section; an unclosed section or a bad name is refused untouched
+    write_page(grid, results, runs, out, "python third.py", section="third")
+    assert out.read_text().startswith(rewritten) and "figures/third_losses.png" in out.read_text()
+    out.write_text(HAND_WRITTEN_HEAD + "<!-- pendulum_grid:runs begin -->\nhalf a section\n")
+    with pytest.raises(ValueError, match="section 'runs' must be one .* found 1 and 0"):
+        write_page(grid, results, runs, out, "python x.py")
+    assert out.read_text() == HAND_WRITTEN_HEAD + "<!-- pendulum_grid:runs begin -->\nhalf a section\n"
+    with pytest.raises(ValueError, match="section name"):
+        page_section(out, runs, "a--b")
 
 
 def test_unregistered_flows_are_skipped_with_a_warning():

@@ -17,7 +17,8 @@ def test_help_explains_every_option(capsys):
     assert stop.value.code == 0
     text = capsys.readouterr().out
     for option in ("--flows", "--lengths", "--seeds", "--epochs", "--n-sequences", "--hidden-dim",
-                   "--kl-anneal-epochs", "--iwae-samples", "--runs", "--out", "--quiet"):
+                   "--kl-anneal-epochs", "--iwae-samples", "--runs", "--out", "--section",
+                   "--quiet"):
         assert option in text
     assert "plain STORN" in text and "finished runs with the same settings are reused" in text
 
@@ -36,4 +37,13 @@ def test_a_tiny_run_writes_the_page_with_its_command_and_notes(tmp_path, capsys)
     assert "batch 4, Adam 0.001, 1 epochs" in text
     assert [line.split(" | ")[:3] for line in text.splitlines() if line.startswith("| STORN")] == \
         [["| STORN", "0", "1"], ["| STORN", "0", "0"]]
-    assert text.rstrip().endswith("## Discussion\n\nA note.")
+    assert text.endswith("## Discussion\n\nA note.\n\n<!-- pendulum_grid:runs end -->\n")
+
+
+def test_a_page_with_a_broken_section_is_refused_before_the_grid_runs(tmp_path, capsys):
+    out = tmp_path / "pendulum.md"
+    out.write_text("<!-- pendulum_grid:grid begin -->\nno end line\n")
+    with pytest.raises(SystemExit) as stop:
+        load_example().parse_args(["--out", str(out), "--runs", str(tmp_path / "grid")])
+    assert stop.value.code == 2 and "section 'grid' must be one" in capsys.readouterr().err
+    assert not (tmp_path / "grid").exists()
