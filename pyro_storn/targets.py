@@ -5,8 +5,8 @@ Rosenbrock banana).
 An energy :math:`U` defines the unnormalised density :math:`\exp(-U(z))`. As a Pyro model
 (:func:`energy_model`) it is a flat improper prior on ``"z"`` plus ``pyro.factor(-U(z))``, so
 that SVI with a flow guide (:func:`flow_guide`) minimises :math:`\mathrm{KL}(q \,\|\, p)` up to
-:math:`\log Z`; :func:`log_normaliser` gives :math:`\log Z` by quadrature, and
-:func:`energy_kl` the KL itself.
+:math:`\log Z` (:func:`pyro_storn.target_fit.fit_energy` runs it through the one training loop);
+:func:`log_normaliser` gives :math:`\log Z` by quadrature, and :func:`energy_kl` the KL itself.
 
 >>> flow = transforms.flow("planar", 2, 8)                                   # doctest: +SKIP
 >>> svi = SVI(energy_model, flow_guide, Adam({"lr": 1e-2}), Trace_ELBO())    # doctest: +SKIP
