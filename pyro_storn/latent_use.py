@@ -37,6 +37,9 @@ LATENT_IN_USE_KL = 10.0
 def latent_use(storn: STORN, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, Any]:
     """``{"data_sd", "emission_sd", "decoder_change"}`` (arrays over features) and ``q0_scale``
     (a float) for ``x`` (N, T, D); one posterior draw per sequence from the global RNG."""
+    if storn.emission_type != "normal":  # the emission sd is what it reads; a Bernoulli has none
+        raise ValueError(f"latent_use compares the data's sd with the Normal emission's; this "
+                         f"STORN has emission={storn.emission_type!r}")
     if x.dim() != 3 or x.shape[-1] != storn.input_dim:
         raise ValueError(f"expected sequences (N, T, {storn.input_dim}), got shape {tuple(x.shape)}")
     x = x.to(storn.data_loc.device)

@@ -107,3 +107,9 @@ def test_the_examples_help_shows_its_use(capsys):
     for option in ("--checkpoint", "--n-sequences", "--features", "--seed"):
         assert option in text
     assert "python examples/storn_latent_use.py" in text and "collapsed run" in text
+
+
+def test_a_bernoulli_emission_is_refused_by_name():
+    storn = STORN(4, 2, 8, emission="bernoulli")
+    with pytest.raises(ValueError, match="emission='bernoulli'"):
+        latent_use(storn, torch.zeros(2, 3, 4))
