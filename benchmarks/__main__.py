@@ -23,6 +23,7 @@ SUITES = {
     "storn": ("benchmarks.bench_storn", "STORN SVI step against plain PyTorch; scaling in T and batch"),
     "conv_planar": ("benchmarks.bench_conv_planar", "conv_planar cost against T (100, 1000, 10000)"),
     "density": ("benchmarks.bench_density", "CNF against RealNVP on two moons: time to a test NLL"),
+    "jsb": ("benchmarks.bench_jsb", "JSB Chorales seconds per epoch: STORN against Pyro's DMM example"),
 }
 
 

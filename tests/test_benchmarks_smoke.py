@@ -21,8 +21,11 @@ def test_every_suite_runs_once_and_writes_json(tmp_path):
     assert transforms_rows and all(row["ratio"] > 0 for row in transforms_rows)
     # every row carries its A/A control: Pyro's stack against a second copy of it
     assert all(row["control_ratio"] > 0 for row in transforms_rows)
+    # the JSB rows (none when the data file is missing: the section says it skipped)
+    jsb = results["suites"]["jsb"]["results"]
+    assert ("skipped" in jsb) != bool(jsb.get("rows"))
     # and its paired ratio's bootstrap interval, which the verdict line under the table reads
-    for row in transforms_rows + results["suites"]["storn"]["results"]["step"]:
+    for row in transforms_rows + results["suites"]["storn"]["results"]["step"] + jsb.get("rows", []):
         low, high = row["paired_interval"]
         assert low <= row["paired_ratio"] <= high
     # one repetition per row: too few for an interval to judge a target by, and it says so
@@ -132,3 +135,12 @@ def test_the_same_math_contenders_are_pyros_map_on_our_networks_until_its_clamp_
     with torch.no_grad():
         last.bias.add_(1e3)
     assert _same_map_check(pyros, unbounded, x)["unbounded_finite"] is False
+
+
+def test_the_jsb_suite_skips_with_a_line_when_the_data_file_is_missing(tmp_path, monkeypatch):
+    from benchmarks import bench_jsb
+
+    monkeypatch.setattr(bench_jsb, "JSB", tmp_path / "missing.pickle")
+    results, markdown = bench_jsb.run(smoke=True)
+    assert "missing.pickle" in results["skipped"]
+    assert markdown.startswith("Skipped: JSB Chorales not found")
