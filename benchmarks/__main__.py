@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import time
 from datetime import datetime, timezone
@@ -43,7 +44,48 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help="each benchmark once on tiny sizes")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="directory for benchmarks.md/.json (default docs/)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the sections of suites not run now from the existing benchmarks.md/.json "
+                        "in --out (each says when it ran), replacing only the suites run")
     return parser
+
+
+def _sections(markdown: str) -> dict[str, str]:
+    """The ``## name`` sections of a benchmarks page, by name (the header before them left out)."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in markdown.splitlines():
+        if line.startswith("## "):
+            current = line[3:].strip()
+            sections[current] = []
+        if current is not None:
+            sections[current].append(line)
+    return {name: "\n".join(lines).rstrip() + "\n" for name, lines in sections.items()}
+
+
+def _kept_suites(out: Path, stem: str, running: list[str]) -> tuple[dict[str, dict], dict[str, str]]:
+    """The suites of the page already in ``out`` that this run leaves alone: JSON entries and
+    their markdown sections, each stamped with the run it came from."""
+    json_path, markdown_path = out / f"{stem}.json", out / f"{stem}.md"
+    if not json_path.exists() or not markdown_path.exists():
+        return {}, {}
+    try:
+        old = json.loads(json_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--merge: {json_path} is not valid JSON ({error}); rerun without --merge") from None
+    sections = _sections(markdown_path.read_text())
+    kept_results, kept_sections = {}, {}
+    for name, entry in old.get("suites", {}).items():
+        if name in running or name not in SUITES or name not in sections:
+            continue
+        entry = dict(entry)
+        entry.setdefault("started", old.get("started"))
+        entry.setdefault("machine", old.get("machine"))
+        kept_results[name] = entry
+        text = sections[name]
+        stamp = f"Kept from the run of {entry['started']}."
+        kept_sections[name] = text if stamp in text else text.rstrip() + f"\n\n{stamp}\n"
+    return kept_results, kept_sections
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,15 +97,21 @@ def main(argv: list[str] | None = None) -> int:
     stem = "benchmarks_smoke" if args.smoke else ("benchmarks" if args.device == "cpu" else f"benchmarks_{args.device}")
     machine = machine_info(args.device)
     results = {"machine": machine, "smoke": args.smoke, "started": datetime.now(timezone.utc).isoformat(), "suites": {}}
-    sections = []
+    try:
+        kept_results, kept_sections = _kept_suites(args.out, stem, names) if args.merge else ({}, {})
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    new_sections = {}
     for name in names:
         module_name, _ = SUITES[name]
         module = importlib.import_module(module_name)
         start = time.perf_counter()
         suite_results, markdown = module.run(smoke=args.smoke, device=args.device)
         wall = time.perf_counter() - start
-        results["suites"][name] = {"results": suite_results, "wall_s": wall}
-        sections.append(f"## {name}\n\n{markdown}\nSuite wall time: {wall:.1f} s.\n")
+        results["suites"][name] = {"results": suite_results, "wall_s": wall, "started": results["started"],
+                                   "machine": machine}
+        new_sections[name] = f"## {name}\n\n{markdown}\nSuite wall time: {wall:.1f} s.\n"
         print(f"[benchmarks] {name}: {wall:.1f} s", flush=True)
     header = [
         "# Benchmarks",
@@ -78,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         "is shared and noisy, so compare ratios within one run.",
         "",
     ]
+    results["suites"].update(kept_results)
+    results["suites"] = {name: results["suites"][name] for name in SUITES if name in results["suites"]}
+    sections = [new_sections.get(name) or kept_sections[name] for name in results["suites"]]
+    if kept_sections:
+        header.append(f"This run: {', '.join(names)}; the other sections were kept (`--merge`) and say when they ran.\n")
     figures = draw_figures(results, args.out, stem)
     if figures:
         sections.append("## Figures\n\n" + "\n\n".join(f"![{path.stem}]({path.name})" for path in figures) + "\n")

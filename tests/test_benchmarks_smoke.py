@@ -144,3 +144,20 @@ def test_the_jsb_suite_skips_with_a_line_when_the_data_file_is_missing(tmp_path,
     results, markdown = bench_jsb.run(smoke=True)
     assert "missing.pickle" in results["skipped"]
     assert markdown.startswith("Skipped: JSB Chorales not found")
+
+
+def test_merge_keeps_the_sections_not_rerun(tmp_path):
+    assert main(["--smoke", "--suite", "conv_planar", "--out", str(tmp_path)]) == 0
+    first = json.loads((tmp_path / "benchmarks_smoke.json").read_text())
+    assert main(["--smoke", "--suite", "storn", "--out", str(tmp_path), "--merge"]) == 0
+    merged = json.loads((tmp_path / "benchmarks_smoke.json").read_text())
+    assert list(merged["suites"]) == ["storn", "conv_planar"]  # the suites' own order
+    assert merged["suites"]["conv_planar"]["results"] == first["suites"]["conv_planar"]["results"]
+    markdown = (tmp_path / "benchmarks_smoke.md").read_text()
+    assert f"Kept from the run of {first['started']}." in markdown
+    lines = markdown.splitlines()
+    assert lines.count("## conv_planar") == 1 and lines.count("## storn") == 1
+    assert "the other sections were kept" in markdown
+    # without --merge the page is this run's alone
+    assert main(["--smoke", "--suite", "storn", "--out", str(tmp_path)]) == 0
+    assert "## conv_planar" not in (tmp_path / "benchmarks_smoke.md").read_text().splitlines()
