@@ -218,6 +218,28 @@ def _published(rows: Sequence[dict[str, Any]]) -> list[str]:
             markdown_table(["model", "nats per frame", "kind", "source"], body), ""]
 
 
+def _piano_roll(rows: Sequence[dict[str, Any]], out: Path) -> list[str]:
+    """The best run's piano rolls, when ``pyro-storn generate`` has written its generated.npz."""
+    from .report import generation_figure
+    from .runs import GENERATED_NAME
+
+    best = min(rows, key=lambda row: row["test_neg_iwae_per_frame"])
+    path = Path(best["run"]) / GENERATED_NAME
+    if not path.exists():
+        return []
+    with np.load(path) as data:
+        generation = {key: data[key] for key in data.files}
+    if "probabilities" not in generation:
+        return []
+    figure = generation_figure(generation, out.with_name(out.stem + "_piano_roll.png"),
+                               title=f"{best['guide']}, {best['model']}, seed {best['seed']}")
+    return ["## Piano rolls of the best run", "",
+            f"The first test chorale, the model's per-note probabilities on it (z from the guide), "
+            f"and {generation['generated'].shape[0]} continuations after its first "
+            f"{int(generation['n_prefix'])} frame(s) with z from the prior (`pyro-storn generate "
+            f"{best['run']}`).", "", f"![piano roll]({figure.name})", ""]
+
+
 def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Validation and test -ELBO per frame against training minutes, one colour per run."""
     import matplotlib
@@ -245,7 +267,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         if values:
             ax.set_ylim(min(min(values), TARGET_NEG_ELBO) - 0.1, min(max(values), 10.0))
     axes[0].set_ylabel("nats per frame (single sample)")
-    axes[1].legend(fontsize=7, loc="upper right")
+    axes[1].legend(fontsize=6, loc="upper right")
     fig.tight_layout()
     path = save_figure(fig, path, dpi=110)
     plt.close(fig)
@@ -295,6 +317,7 @@ def write_page(run_dirs: Sequence[str | Path], out: str | Path, command: str = "
     parts += ["## Curves", "", f"![curves]({figure.name})", "",
               "Dashed: 6.87 (Pyro's DMM, no IAF); dotted: 6.80 (the -ELBO target); grey: 60 "
               "minutes.", ""]
+    parts += _piano_roll(rows, out)
     parts += _published(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts))

@@ -96,3 +96,15 @@ def test_train_command_reproduces_the_recorded_flags(runs):
     assert (args.flow, args.flow_length, args.encoder, args.emission) == (
         config["flow"], config["flow_length"], config["encoder"], config["emission"])
     assert args.epochs == config["epochs"] and args.hidden_dim == config["hidden_dim"]
+
+
+def test_page_shows_the_best_runs_piano_roll_once_generated(runs, tmp_path):
+    from pyro_storn.runs import generate_run
+
+    rows = [jsb_table.run_row(run) for run in runs]
+    best = min(rows, key=lambda row: row["test_neg_iwae_per_frame"])
+    generate_run(best["run"], n_prefix=2, n_sequences=1, num_samples=2)
+    out = tmp_path / "page.md"
+    jsb_table.write_page(runs, out)
+    assert "## Piano rolls of the best run" in out.read_text()
+    assert (tmp_path / "page_piano_roll.png").stat().st_size > 0
