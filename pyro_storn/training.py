@@ -290,6 +290,7 @@ def fit(
     resume: bool = False,
     extra_state: dict[str, Any] | None = None,
     progress: bool = True,
+    flush_denormal: bool = True,
     log_every: int = 10,
     keep_best: str | None = None,
     validate: bool | None = None,
@@ -331,6 +332,12 @@ def fit(
     :param validate: Pyro's and torch's distribution-argument validation while training; each
         check waits for the device, so ``None`` keeps the caller's setting on the CPU and turns
         it off on CUDA, where NaN parameters then show up as a non-finite loss.
+    :param flush_denormal: on the CPU, ``torch.set_flush_denormal(True)`` for the process (torch
+        keeps it per process, not per call). Weight decay drives the weights that get no data
+        gradient (the notes a training set never plays, MADE's masked entries) into subnormal
+        floats, on which x86 arithmetic is several times slower: a JSB Chorales step of STORN
+        with IAF x2 took 1.05 s instead of 0.23 s after 320 epochs. Values below 1.2e-38 become
+        0.
     :returns: :class:`FitResult`; on Ctrl-C or SIGTERM a checkpoint is written and ``interrupted``
         is set.
     :raises NonFiniteLossError: when the loss becomes NaN or infinite.
@@ -367,6 +374,8 @@ def fit(
     elif device is not None and torch.device(device) != env.device:
         raise ValueError(f"device {str(device)!r} differs from the process group's {env.device}")
     device = env.device
+    if flush_denormal and device.type == "cpu":
+        torch.set_flush_denormal(True)
     run_dir = None if run_dir is None else Path(run_dir)
     checkpoint_path = None if run_dir is None else run_dir / CHECKPOINT_NAME
     writes = run_dir is not None and env.is_primary

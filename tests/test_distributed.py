@@ -396,7 +396,7 @@ class _Exploding(torch.nn.Module):
         self.good_steps, self.calls = good_steps, 0
 
     def model(self, x: torch.Tensor) -> None:
-        scale = 1e-45 if self.calls > self.good_steps else 1.0
+        scale = 1e-30 if self.calls > self.good_steps else 1.0
         with pyro.plate("data", x.shape[0]):
             pyro.sample("obs", dist.Normal(self.linear(x[:, None])[:, 0], scale), obs=x)
 
