@@ -293,6 +293,8 @@ def write_page(run_dirs: Sequence[str | Path], out: str | Path, command: str = "
         f"- Written {datetime.now(timezone.utc).isoformat(timespec='seconds')}; total training "
         f"time {sum(row['train_seconds'] for row in rows) / 60:.1f} min summed over runs.",
     ]
+    parts += ["- Speed: seconds per epoch of these models against Pyro's DMM example, timed side "
+              "by side, in [benchmarks.md](benchmarks.md#jsb) (`python -m benchmarks --suite jsb`)."]
     if notes:
         parts += [f"- {notes}"]
     parts += [
