@@ -179,6 +179,11 @@ def _verdicts(rows: Sequence[dict[str, Any]]) -> list[str]:
         verdict = "met" if value <= target else f"missed by {value - target:.2f}"
         lines.append(f"- Best {what}: {value:.3f} nats per frame ({best['guide']}, {best['model']}, "
                      f"seed {best['seed']}); target <= {target}: {verdict}.")
+    for model, value, kind, _ in PUBLISHED:
+        if model in ("STORN", "Pyro's DMM example, 0 IAF, 5000 epochs") or kind == "-ELBO":
+            gap = best_elbo["test_neg_elbo_per_frame"] - value
+            lines.append(f"- Against {model} ({value} nats per frame, {kind}): our best test -ELBO "
+                         f"is {abs(gap):.3f} {'behind' if gap > 0 else 'ahead'}.")
     fastest = [row for row in rows if row["minutes_to_quality"] is not None]
     if fastest:
         row = min(fastest, key=lambda row: row["minutes_to_quality"])
@@ -281,6 +286,10 @@ def write_page(run_dirs: Sequence[str | Path], out: str | Path, command: str = "
     rows = [run_row(run_dir) for run_dir in run_dirs]
     if not rows:
         raise ValueError("no run directories given")
+    # the model with the most runs first, then its plain guide, flows, seeds
+    counts = {model: sum(row["model"] == model for row in rows) for model in {r["model"] for r in rows}}
+    rows.sort(key=lambda row: (-counts[row["model"]], row["model"], row["guide"] != "plain",
+                               row["guide"], row["seed"]))
     pair_rows(rows)
     figure = plot_curves(rows, out.with_name(out.stem + "_curves.png"))
     samples = sorted({row["iwae_samples"] for row in rows})
