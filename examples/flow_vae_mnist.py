@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -41,6 +42,7 @@ import torch
 import transforms
 from pyro_storn import vae_table
 from pyro_storn.data import mnist
+from pyro_storn.interrupts import exit_code, signal_of
 from pyro_storn.training import CHECKPOINT_NAME, NonFiniteLossError, read_metrics
 from pyro_storn.vae import ACTIVATIONS, VAE
 from pyro_storn.vae_fit import evaluate_bounds, fit_vae, load_best
@@ -393,6 +395,18 @@ def main(argv: list[str] | None = None) -> int:
         write_outputs(results, planned, skipped, data, args, time.perf_counter() - started,
                       command)
         runs = []
+    try:
+        _train_all(runs, data, args, skipped, started, command, invocation)
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the model's checkpoint is written
+        print(f"stopped ({signal.Signals(signal_of(stop)).name}); the page keeps the models "
+              "finished before; continue with --resume", file=sys.stderr)
+        return exit_code(signal_of(stop))
+    print(f"wrote {args.out}, {args.out.with_suffix('.json')} and {args.figure}", file=sys.stderr)
+    return 0
+
+
+def _train_all(runs, data, args, skipped, started, command, invocation) -> None:
+    results = []
     for index, (spec, length) in enumerate(runs):
         result = stored_result(spec, length, data, args) if args.resume else None
         run_dir = args.run_dir / run_name(spec, length)
@@ -410,8 +424,6 @@ def main(argv: list[str] | None = None) -> int:
         planned = [progress_note(s, k, args) for s, k in runs[index + 1:]]
         write_outputs(results, planned, skipped, data, args, time.perf_counter() - started,
                       command)
-    print(f"wrote {args.out}, {args.out.with_suffix('.json')} and {args.figure}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from torch import nn
 
 from .distributed import ProgramModule
 from .targets import Energy, energy_model, flow_guide
-from .training import Optimizer, fit
+from .training import Optimizer, fit, reraise_interrupt
 
 __all__ = [
     "CLIP_NORM",
@@ -74,10 +74,11 @@ def fit_guide(model: Callable[[], None], guide: nn.Module, *, steps: int, partic
         losses.append(loss)
         return False
 
-    fit(elbo(model, guide), guide, None, epochs=steps, run_dir=None,
-        optimizer=Optimizer(lr=lr, clip_norm=CLIP_NORM,
-                            lr_factor=lambda step, _: decay ** (step + 1)), seed=seed,
-        before_epoch=before_step, after_step=record, progress=progress)
+    reraise_interrupt(fit(elbo(model, guide), guide, None, epochs=steps, run_dir=None,
+                          optimizer=Optimizer(lr=lr, clip_norm=CLIP_NORM,
+                                              lr_factor=lambda step, _: decay ** (step + 1)),
+                          seed=seed, before_epoch=before_step, after_step=record,
+                          progress=progress))
     return torch.stack(losses).tolist()
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -51,7 +52,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointError, load_checkpoint, previous_path, rng_state
 from .checkpoint import save_checkpoint, set_rng_state
 from .distributed import DistributedEnv, ProgramModule, all_reduce_sum, replica_divergence
-from .interrupts import InterruptFlag
+from .interrupts import InterruptFlag, Terminated
 from .rundir import load_module_state
 from .validation import check_positive_int
 
@@ -67,6 +68,7 @@ __all__ = [
     "epoch_permutation",
     "fit",
     "read_metrics",
+    "reraise_interrupt",
     "shard",
     "train_step",
 ]
@@ -188,6 +190,15 @@ def shard(order: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     total = math.ceil(len(order) / world_size) * world_size
     padded = torch.cat([order, order[: total - len(order)]])
     return padded[rank::world_size]
+
+
+def reraise_interrupt(result: FitResult) -> FitResult:
+    """``result``, or the ``KeyboardInterrupt`` (:class:`~pyro_storn.interrupts.Terminated` for
+    SIGTERM) that stopped it: for callers that evaluate what :func:`fit` trained, since a run
+    that Ctrl-C stopped (its checkpoint written) is not a finished one."""
+    if result.interrupted:
+        raise Terminated() if result.stop_signal == signal.SIGTERM else KeyboardInterrupt()
+    return result
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:

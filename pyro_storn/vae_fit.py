@@ -173,7 +173,7 @@ def fit_vae(
     ``valid_neg_elbo``, and the state of the epoch with the lowest one is kept in ``best.pt``
     (:func:`load_best`).
     """
-    from .training import Optimizer, elbo_module, fit
+    from .training import Optimizer, elbo_module, fit, reraise_interrupt
 
     for name, value in (("epochs", epochs), ("batch_size", batch_size),
                         ("metric_images", metric_images)):
@@ -214,14 +214,14 @@ def fit_vae(
         return record
 
     try:
-        return fit(
+        return reraise_interrupt(fit(
             elbo_module(pyro.infer.Trace_ELBO(), vae), vae, (data.train_dataset(),),
             epochs=epochs, batch_size=batch_size, run_dir=run_dir, optimizer=optimizer,
             seed=seed, device=device,
             epoch_metrics=epoch_metrics, before_epoch=before_epoch, resume=resume,
             extra_state={"vae": vae.config(), "data": data.source}, progress=progress,
             keep_best=VALID_METRIC if valid is not None else None,
-        )
+        ))
     finally:
         vae.kl_weight = 1.0
 

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from transforms.cnf import regulariser, total_nfe
 
-from ..training import NonFiniteLossError, Optimizer, elbo_module, fit
+from ..training import NonFiniteLossError, Optimizer, elbo_module, fit, reraise_interrupt
 from .model import FlowDensity, solver_settings, test_nll
 
 __all__ = ["HistoryPoint", "FitResult", "fit_density"]
@@ -251,13 +251,13 @@ def fit_density(
         return False
 
     try:
-        fitted = fit(
+        fitted = reraise_interrupt(fit(
             objective, density, (train,), epochs=None, batch_size=min(batch_size, len(train)),
             run_dir=None, optimizer=Optimizer(lr=lr, weight_decay=weight_decay,
                                               clip_norm=clip_norm, lr_factor=lr_factor),
             seed=seed, device=train.device, after_step=after_step, max_steps=max_steps,
             max_seconds=max_seconds, drop_last=True, progress=progress, log_every=1,
-        )
+        ))
     except NonFiniteLossError as error:
         step = clock["steps"] + 1
         raise FloatingPointError(f"training loss became {error.value} at step {step}; lower the "
