@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     header = [
         "# Benchmarks",
         "",
-        f"Command: `python -m benchmarks{' --smoke' if args.smoke else ''} --device {args.device}` "
+        f"Command: `python -m benchmarks{' --smoke' if args.smoke else ''} --device {args.device}"
+        f"{''.join(f' --suite {name}' for name in args.suite or [])}{' --merge' if args.merge else ''}` "
         f"(or `make bench`). Run {results['started']}.",
         "",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()),
