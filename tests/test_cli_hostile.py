@@ -585,7 +585,10 @@ def test_lock_refuses_a_second_trainer_and_dies_with_the_first(place, capsys):
                                                 (signal.SIGTERM, EXIT_TERMINATED, "terminated")],
                          ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_in_the_first_second_is_one_line(place, signum, code, word):
-    process = subprocess.Popen(cli("train", "--data", "data.npz", "--out", "new", *TINY),
+    # Epochs enough that a signal landing in training never lands in the last one (the run
+    # would then be complete, and exit 0): on an idle machine startup can take under a second.
+    process = subprocess.Popen(cli("train", "--data", "data.npz", "--out", "new", *TINY,
+                                   "--epochs", "100000"),
                                env=cli_env(), cwd=place, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)  # starting up: still importing torch on a loaded machine
