@@ -587,8 +587,8 @@ def test_lock_refuses_a_second_trainer_and_dies_with_the_first(place, capsys):
 def test_ctrl_c_in_the_first_second_is_one_line(place, signum, code, word):
     # Epochs enough that a signal landing in training never lands in the last one (the run
     # would then be complete, and exit 0): on an idle machine startup can take under a second.
-    # SIGINT at its default, as in a terminal: an xdist worker ignores SIGINT and its children
-    # inherit that, and Python then installs no KeyboardInterrupt handler at startup.
+    # SIGINT at its default in the child, as in a terminal. (Under xdist, without this, CI twice
+    # saw the signal lost, a run to its end; the cause is not pinned down, see issue #20's notes.)
     process = subprocess.Popen(cli("train", "--data", "data.npz", "--out", "new", *TINY,
                                    "--epochs", "100000"),
                                env=cli_env(), cwd=place, stdout=subprocess.PIPE,
@@ -599,7 +599,7 @@ def test_ctrl_c_in_the_first_second_is_one_line(place, signum, code, word):
     _, err = process.communicate(timeout=TIMEOUT_S)
     lines = err.strip().splitlines()
     # A shell reads 128 + N either way: exit(128 + N), or death by the signal itself (-N here),
-    # which this test saw after the one line when the signal landed in the startup imports.
+    # which this test saw under xdist after the one line.
     assert process.returncode in (code, -signum) and len(lines) == 1, err
     assert word in lines[0]
     if not (place / "new").exists():
