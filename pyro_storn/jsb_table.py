@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .bounds import paired_difference
+from .rundir import read_json, save_figure
 from .runs import EVALUATION_NAME, read_run_config
 from .tables import MISSING, markdown_table, mean_sd
 from .training import read_metrics
@@ -93,10 +94,7 @@ def run_row(run_dir: str | Path) -> dict[str, Any]:
     if not evaluation_path.exists():
         raise ValueError(f"{evaluation_path} does not exist: run `pyro-storn evaluate {run_dir}` "
                          "first")
-    try:
-        evaluation = json.loads(evaluation_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{evaluation_path} is not valid JSON: {error}") from None
+    evaluation = read_json(evaluation_path)
     history = read_metrics(run_dir)
     seconds = np.cumsum([row.get("epoch_seconds", 0.0) for row in history])
     best_epoch = int(evaluation["checkpoint"]["epoch"])
@@ -225,16 +223,11 @@ def _published(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def _piano_roll(rows: Sequence[dict[str, Any]], out: Path) -> list[str]:
     """The best run's piano rolls, when ``pyro-storn generate`` has written its generated.npz."""
-    from .report import generation_figure
-    from .runs import GENERATED_NAME
+    from .report import generation_figure, read_generation
 
     best = min(rows, key=lambda row: row["test_neg_iwae_per_frame"])
-    path = Path(best["run"]) / GENERATED_NAME
-    if not path.exists():
-        return []
-    with np.load(path) as data:
-        generation = {key: data[key] for key in data.files}
-    if "probabilities" not in generation:
+    generation = read_generation(best["run"])
+    if generation is None or "probabilities" not in generation:
         return []
     figure = generation_figure(generation, out.with_name(out.stem + "_piano_roll.png"),
                                title=f"{best['guide']}, {best['model']}, seed {best['seed']}")
@@ -247,12 +240,7 @@ def _piano_roll(rows: Sequence[dict[str, Any]], out: Path) -> list[str]:
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Validation and test -ELBO per frame against training minutes, one colour per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .rundir import save_figure
+    from .plots import plt  # with the Agg backend plots sets
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for index, row in enumerate(rows):

@@ -18,7 +18,7 @@ from .runs import EVALUATION_NAME, GENERATED_NAME, read_run_config
 from .tables import MISSING, markdown_table
 from .training import read_metrics
 
-__all__ = ["run_summary", "write_report", "generation_figure", "format_table", "khat_sentence"]
+__all__ = ["run_summary", "write_report", "generation_figure", "read_generation", "format_table", "khat_sentence"]
 
 
 def run_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -140,6 +140,16 @@ def _khat_sections(
     return parts
 
 
+def read_generation(run_dir: str | os.PathLike) -> dict[str, np.ndarray] | None:
+    """The arrays of ``run_dir``'s ``generated.npz`` (:func:`~pyro_storn.runs.generate_run`), or
+    ``None`` when ``pyro-storn generate`` has not written one."""
+    path = Path(run_dir) / GENERATED_NAME
+    if not path.exists():
+        return None
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
 def generation_figure(generation: Mapping[str, np.ndarray], path: str | os.PathLike,
                       title: str = "") -> Path:
     """The figure of a ``generated.npz`` (:func:`~pyro_storn.runs.generate_run`) for its first
@@ -191,11 +201,9 @@ def write_report(
               f"![flow terms]({flow_png.relative_to(out.parent)})", ""]
     parts += _khat_sections(summaries, figures, out.parent)
     for name, path in run_dirs.items():
-        generated_path = Path(path) / GENERATED_NAME
-        if not generated_path.exists():
+        generation = read_generation(path)
+        if generation is None:
             continue
-        with np.load(generated_path) as data:
-            generation = {key: data[key] for key in data.files}
         png = generation_figure(generation, figures / f"generation_{name}.png", title=name)
         n_prefix, count = int(generation["n_prefix"]), generation["generated"].shape[0]
         what = ("Piano rolls: the real test sequence, the model's per-note probabilities on it, "
