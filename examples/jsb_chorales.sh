@@ -5,7 +5,8 @@
 # the page docs/storn_jsb_chorales.md (python -m pyro_storn.jsb_table) over every run in RUNS_DIR.
 # Usage: examples/jsb_chorales.sh [DATA] [RUNS_DIR]; one process, one thread. Environment:
 # EPOCHS (700), SEEDS ("0"), GUIDES ("none:0 iaf:2"), EMISSION_HIDDEN (256; 0 is STORN's linear
-# emission), WEIGHT_DECAY (0.01), PAGE (docs/storn_jsb_chorales.md; empty: no page).
+# emission), WEIGHT_DECAY (0.01), PRIOR (standard; learned is the VRNN's), DROPOUT (0),
+# PAGE (docs/storn_jsb_chorales.md; empty: no page).
 set -euo pipefail
 DATA=${1:-../shared/data/jsb_chorales/jsb_chorales.pickle}
 RUNS=${2:-runs/jsb}
@@ -14,17 +15,22 @@ SEEDS=${SEEDS:-0}
 GUIDES=${GUIDES:-"none:0 iaf:2"}
 EMISSION_HIDDEN=${EMISSION_HIDDEN:-256}
 WEIGHT_DECAY=${WEIGHT_DECAY:-0.01}
+PRIOR=${PRIOR:-standard}
+DROPOUT=${DROPOUT:-0}
 PAGE=${PAGE-docs/storn_jsb_chorales.md}
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1
 COMMON=(--data "$DATA" --emission bernoulli --encoder backward --emission-hidden "$EMISSION_HIDDEN"
         --latent-dim 32 --hidden-dim 128 --batch-size 20 --lr 1e-3 --lr-decay 0.999
-        --weight-decay "$WEIGHT_DECAY" --kl-anneal-epochs 100 --metrics-every 10
+        --weight-decay "$WEIGHT_DECAY" --prior "$PRIOR" --dropout "$DROPOUT" --kl-anneal-epochs 100 --metrics-every 10
         --checkpoint-every 10 --epochs "$EPOCHS" --quiet)
 for seed in $SEEDS; do
   for guide in $GUIDES; do
     flow=${guide%%:*} length=${guide##*:}
-    out="$RUNS/${flow}_K${length}_mlp${EMISSION_HIDDEN}_wd${WEIGHT_DECAY}_seed${seed}"
+    # the defaults add nothing to the name, so earlier runs keep theirs
+    extra=""; [[ "$PRIOR" != standard ]] && extra+="_prior${PRIOR}"
+    [[ "$DROPOUT" != 0 ]] && extra+="_drop${DROPOUT}"
+    out="$RUNS/${flow}_K${length}_mlp${EMISSION_HIDDEN}_wd${WEIGHT_DECAY}${extra}_seed${seed}"
     resume=(); [[ -f "$out/checkpoint.pt" ]] && resume=(--resume)
     "$PY" -m pyro_storn.cli train --out "$out" --flow "$flow" --flow-length "$length" \
       --seed "$seed" "${COMMON[@]}" "${resume[@]}"
@@ -33,5 +39,5 @@ for seed in $SEEDS; do
 done
 if [[ -n "$PAGE" ]]; then
   "$PY" -m pyro_storn.jsb_table "$RUNS"/*/ --out "$PAGE" \
-    --command "EPOCHS=$EPOCHS SEEDS='$SEEDS' GUIDES='$GUIDES' EMISSION_HIDDEN=$EMISSION_HIDDEN WEIGHT_DECAY=$WEIGHT_DECAY examples/jsb_chorales.sh $DATA $RUNS"
+    --command "EPOCHS=$EPOCHS SEEDS='$SEEDS' GUIDES='$GUIDES' EMISSION_HIDDEN=$EMISSION_HIDDEN WEIGHT_DECAY=$WEIGHT_DECAY PRIOR=$PRIOR DROPOUT=$DROPOUT examples/jsb_chorales.sh $DATA $RUNS"
 fi

@@ -24,7 +24,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, Sequence
 
-from .interrupts import exit_code, raise_on_sigterm, signal_of
+from .interrupts import exit_code, raise_on_sigterm, signal_of, stop_after
 
 if TYPE_CHECKING:
     from .data.sequences import SequenceData
@@ -101,7 +101,7 @@ def _bounded_float(low: float, high: float, closed_high: bool, what: str):
 
 _non_negative_float = _bounded_float(0.0, math.inf, False, "a non-negative number")
 _decay = _bounded_float(math.ulp(0.0), 1.0, True, "a number in (0, 1]")
-_beta = _bounded_float(0.0, 1.0, False, "a number in [0, 1)")
+_beta = _bounded_float(0.0, 1.0, False, "a number in [0, 1)")  # also a dropout probability
 
 
 def _fraction(text: str) -> float:
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     import transforms
 
     from .runs import FLOW_STARTS, GENERATED_NAME
-    from .storn import EMISSIONS, ENCODERS
+    from .storn import EMISSIONS, ENCODERS, PRIORS
 
     flows = ["none"] + transforms.available()
     p = sub.add_parser("train", help="train STORN (optionally with a flow guide)",
@@ -191,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emission-hidden", type=_non_negative_int, default=0, metavar="H",
                    help="0 (default): STORN's linear emission of the decoder state; H > 0: an MLP "
                    "with two ReLU layers of width H of the decoder state and z_t (as the VRNN's)")
+    p.add_argument("--prior", choices=PRIORS, default="standard",
+                   help="p(z_t | ...): 'standard' N(0, I) (STORN's), 'learned' a Normal set by "
+                   "the decoder state before the step (the VRNN's), so the latents form a "
+                   "process over time")
+    p.add_argument("--dropout", type=_beta, default=0.0, metavar="P",
+                   help="drop the emission's inputs and hidden units with probability P while "
+                   "training (0: none); evaluation never drops")
     p.add_argument("--weight-decay", type=_non_negative_float, default=0.0,
                    help="L2 penalty added to the gradient by Adam (Pyro's DMM example uses 2.0)")
     p.add_argument("--lr-decay", type=_decay, default=1.0,
@@ -363,8 +370,8 @@ def _train(args: argparse.Namespace) -> int:
         clip_norm=args.clip_norm, kl_anneal_epochs=args.kl_anneal_epochs,
         checkpoint_every=args.checkpoint_every, validation_fraction=args.validation_fraction,
         init_from=args.init_from, flow_start=args.flow_start, emission=args.emission,
-        encoder=args.encoder, emission_hidden=args.emission_hidden,
-        weight_decay=args.weight_decay, lr_decay=args.lr_decay,
+        encoder=args.encoder, emission_hidden=args.emission_hidden, prior=args.prior,
+        dropout=args.dropout, weight_decay=args.weight_decay, lr_decay=args.lr_decay,
         adam_beta1=args.adam_beta1, metrics_every=args.metrics_every,
     )
     _check_device(args.device)
@@ -560,7 +567,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    with stop_after():  # build_parser imports torch: a Ctrl-C must not cut an import
+        parser = build_parser()
+    args = parser.parse_args(argv)
     command = {"simulate": _simulate, "train": _train, "evaluate": _evaluate,
                "diagnose": _diagnose, "generate": _generate, "report": _report}[args.command]
     try:

@@ -39,9 +39,9 @@ def sample_terms(
 ) -> tuple[FlowTerms, torch.Tensor]:
     """Flow terms and ``log p(x | z)`` for ``num_samples`` posterior samples, each ``(S, N)``."""
     posterior = storn.posterior(x, mask)
-    prior = storn.prior(x.shape[:-2], x.shape[-2], mask)
+    prior = storn.prior(x.shape[:-2], x.shape[-2], mask, x)
     terms = flow_terms(posterior, prior, sample_shape=(num_samples,))
-    log_lik = storn.emission(x, terms.zK, mask).log_prob(storn.clean(x, mask))
+    log_lik = storn.emission(x, terms.zK, mask, prior).log_prob(storn.clean(x, mask))
     return terms, log_lik
 
 

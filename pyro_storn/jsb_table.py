@@ -63,14 +63,18 @@ def _model(config: dict[str, Any]) -> str:
     """What the generative model and encoder are: runs pair only within one."""
     width = int(config.get("emission_hidden", 0))
     emission = f"MLP emission {width}" if width else "linear emission"
-    return (f"{config.get('encoder', 'forward')} encoder, {emission}, latent "
-            f"{config['latent_dim']}, GRU {config['hidden_dim']}, wd {config.get('weight_decay', 0)}")
+    prior = "learned prior, " if config.get("prior", "standard") == "learned" else ""
+    dropout = f", dropout {config['dropout']}" if config.get("dropout") else ""
+    return (f"{config.get('encoder', 'forward')} encoder, {prior}{emission}, latent "
+            f"{config['latent_dim']}, GRU {config['hidden_dim']}, wd {config.get('weight_decay', 0)}"
+            f"{dropout}")
 
 
 # config.json key -> ``pyro-storn train`` flag, for the command that reproduces a run.
 TRAIN_FLAGS = (("flow", "--flow"), ("flow_length", "--flow-length"), ("seed", "--seed"),
                ("emission", "--emission"), ("encoder", "--encoder"),
-               ("emission_hidden", "--emission-hidden"), ("latent_dim", "--latent-dim"),
+               ("emission_hidden", "--emission-hidden"), ("prior", "--prior"),
+               ("dropout", "--dropout"), ("latent_dim", "--latent-dim"),
                ("hidden_dim", "--hidden-dim"), ("batch_size", "--batch-size"), ("lr", "--lr"),
                ("lr_decay", "--lr-decay"), ("weight_decay", "--weight-decay"),
                ("adam_beta1", "--adam-beta1"), ("clip_norm", "--clip-norm"),

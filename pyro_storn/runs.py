@@ -35,7 +35,7 @@ from .diagnostics import ImportanceDraws, draw_importance_samples, summarize_imp
 from .diagnostics import write_diagnostics
 from .evaluation import bounds_summary, evaluate_bounds, sequence_metrics
 from .distributed import DistributedEnv, ExampleNoise, init_distributed, primary_failure_stops_all
-from .storn import ENCODERS, EMISSIONS, RNN_TYPES, STORN
+from .storn import ENCODERS, EMISSIONS, PRIORS, RNN_TYPES, STORN
 from .training import BEST_NAME, CHECKPOINT_NAME, FitResult, Optimizer, elbo_module, fit
 
 __all__ = [
@@ -106,6 +106,8 @@ class TrainConfig:
     emission: str = "normal"
     encoder: str = "forward"
     emission_hidden: int = 0
+    prior: str = "standard"
+    dropout: float = 0.0
     weight_decay: float = 0.0
     lr_decay: float = 1.0
     adam_beta1: float = 0.9
@@ -145,6 +147,11 @@ class TrainConfig:
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {self.encoder!r}; valid choices: "
                              f"{', '.join(ENCODERS)}")
+        if self.prior not in PRIORS:
+            raise ValueError(f"unknown prior {self.prior!r}; valid choices: {', '.join(PRIORS)}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < math.inf):
             raise ValueError(f"weight_decay must be a non-negative number, got "
                              f"{self.weight_decay!r}")
@@ -177,7 +184,8 @@ def build_storn(input_dim: int, config: TrainConfig) -> STORN:
         input_dim, config.latent_dim, config.hidden_dim,
         flow=None if config.flow == "none" else config.flow, flow_length=config.flow_length,
         condition_flow=config.condition_flow, rnn=config.rnn, emission=config.emission,
-        encoder=config.encoder, emission_hidden=config.emission_hidden,
+        encoder=config.encoder, emission_hidden=config.emission_hidden, prior=config.prior,
+        dropout=config.dropout,
     )
     if config.flow_start == "identity":
         transforms.start_at_identity(storn.flow)
@@ -349,6 +357,13 @@ def train(
                 storn.kl_weight = min(1.0, (epoch + 1) / config.kl_anneal_epochs)
 
         def epoch_metrics(epoch: int) -> dict[str, Any]:  # rank 0 only
+            storn.eval()  # no dropout in the bounds
+            try:
+                return _split_metrics()
+            finally:
+                storn.train()
+
+        def _split_metrics() -> dict[str, Any]:
             metrics: dict[str, Any] = {"kl_weight": storn.kl_weight}
             splits = {"train": (x, mask), "validation": (x_validation, mask_validation),
                       "test": (x_test, mask_test)}

@@ -14,7 +14,22 @@ recurrent decoder fed the previous observation,
 The emission parameters are a linear function of :math:`h^g_t` (STORN's), or with
 ``emission_hidden=H`` an MLP with two ReLU layers of width ``H`` of :math:`[h^g_t, z_t]`: the
 latent then reaches the emission directly as well as through the decoder's state, as in the
-VRNN's and SRNN's emissions [3, 6] (the MLP is the DMM's emitter [2]).
+VRNN's and SRNN's emissions [3, 6] (the MLP is the DMM's emitter [2]). ``dropout=p`` drops
+the emission's inputs and hidden units while training (a regulariser; evaluation is in
+``eval()`` mode, without it).
+
+Prior: ``prior="standard"`` is STORN's :math:`z_t \sim \mathcal N(0, I)`. ``prior="learned"``
+is the VRNN's [6], conditioned on the decoder state before the step,
+
+.. math::
+
+    p(z_t \mid x_{<t}, z_{<t}) = \mathcal N(\mu_p(h^g_{t-1}), \sigma_p(h^g_{t-1})^2),
+    \qquad h^g_0 := 0,
+
+with a linear head for :math:`(\mu_p, \log\text{-softplus } \sigma_p)` that starts at
+:math:`\mathcal N(0, I)`: the latents then form a non-Gaussian process over time instead of
+white noise. Its log-density runs the decoder once over the given :math:`z` (and the emission
+reuses that pass); sampling it runs the decoder step by step (:class:`DecoderStatePrior`).
 
 Guide: an encoder gives :math:`(\mu_t, \sigma_t, h_t)` per step, :math:`q_0(z_t) = \mathcal
 N(\mu_t, \sigma_t^2)`, then ``flow_length`` layers of any flow of the :mod:`transforms` registry,
@@ -74,6 +89,7 @@ References:
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import pyro
@@ -82,6 +98,8 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 from pyro.distributions.conditional import ConditionalTransform, ConstantConditionalTransform
+from pyro.distributions.torch_distribution import TorchDistribution
+from torch.distributions import constraints
 from torch import nn
 from torch.distributions import Transform
 
@@ -89,11 +107,13 @@ import transforms
 
 from .validation import check_non_negative_int, check_positive_int
 
-__all__ = ["STORN", "RNN_TYPES", "EMISSIONS", "ENCODERS", "within_length", "reverse_within_length"]
+__all__ = ["STORN", "DecoderStatePrior", "RNN_TYPES", "EMISSIONS", "ENCODERS", "PRIORS",
+           "within_length", "reverse_within_length"]
 
 RNN_TYPES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 EMISSIONS = ("normal", "bernoulli")
 ENCODERS = ("forward", "backward", "bidirectional")
+PRIORS = ("standard", "learned")
 
 # Scales are softplus(raw) + floor. The pendulum's cos/sin features are exact functions of the
 # state, so without a floor the emission scale (and the likelihood) could diverge; 1e-3 of a
@@ -167,6 +187,8 @@ class STORN(nn.Module):
     :param condition_flow: condition the flow on the encoder state when it supports it.
     :param emission_hidden: 0 for STORN's linear emission of the decoder state; ``H > 0`` for
         an MLP (two ReLU layers of width ``H``) of the decoder state and ``z_t``.
+    :param prior: ``"standard"`` (STORN's N(0, I)) or ``"learned"`` (the VRNN's p(z_t | h_{t-1})).
+    :param dropout: probability of dropping the emission's inputs and hidden units in training.
     :param rnn: ``"gru"``, ``"lstm"`` or ``"rnn"``.
     :param kl_weight: factor on the latent site's log-densities (KL annealing sets it per epoch).
     :param flow_kwargs: passed on to the flow's builder.
@@ -183,6 +205,8 @@ class STORN(nn.Module):
         emission: str = "normal",
         encoder: str = "forward",
         emission_hidden: int = 0,
+        prior: str = "standard",
+        dropout: float = 0.0,
         condition_flow: bool = True,
         rnn: str = "gru",
         kl_weight: float = 1.0,
@@ -201,6 +225,10 @@ class STORN(nn.Module):
                 f"unknown emission {emission!r}; valid choices: {', '.join(EMISSIONS)}")
         if encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {encoder!r}; valid choices: {', '.join(ENCODERS)}")
+        if prior not in PRIORS:
+            raise ValueError(f"unknown prior {prior!r}; valid choices: {', '.join(PRIORS)}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         flow = None if flow in (None, "none") else flow
         if flow is not None and flow_length == 0:
             raise ValueError(f"flow {flow!r} needs flow_length >= 1")
@@ -208,6 +236,7 @@ class STORN(nn.Module):
         self.flow_name, self.flow_length = flow, flow_length if flow is not None else 0
         self.emission_type, self.encoder_type, self.rnn_type = emission, encoder, rnn
         self.emission_hidden = emission_hidden
+        self.prior_type, self.dropout = prior, float(dropout)
         self.kl_weight = float(kl_weight)
         self._condition_flow, self._flow_kwargs = condition_flow, dict(flow_kwargs or {})
 
@@ -222,10 +251,23 @@ class STORN(nn.Module):
         self.posterior_head = nn.Linear(self.encoder_state_dim, 2 * latent_dim)
         self.decoder_rnn = rnn_type(input_dim + latent_dim, hidden_dim, batch_first=True)
         emission_params = 2 * input_dim if emission == "normal" else input_dim
-        self.emission_head = (nn.Linear(hidden_dim, emission_params) if not emission_hidden else
-                              nn.Sequential(nn.Linear(hidden_dim + latent_dim, emission_hidden),
-                                            nn.ReLU(), nn.Linear(emission_hidden, emission_hidden),
-                                            nn.ReLU(), nn.Linear(emission_hidden, emission_params)))
+        # Without dropout the heads keep their layout, so earlier checkpoints load.
+        drop = [nn.Dropout(dropout)] if dropout else []
+        if not emission_hidden:
+            linear = nn.Linear(hidden_dim, emission_params)
+            self.emission_head = nn.Sequential(*drop, linear) if drop else linear
+        else:
+            self.emission_head = nn.Sequential(
+                *drop, nn.Linear(hidden_dim + latent_dim, emission_hidden), nn.ReLU(),
+                *drop, nn.Linear(emission_hidden, emission_hidden), nn.ReLU(),
+                *drop, nn.Linear(emission_hidden, emission_params))
+        self.prior_head = None
+        if prior == "learned":
+            self.prior_head = nn.Linear(hidden_dim, 2 * latent_dim)
+            with torch.no_grad():  # starts at N(0, I): STORN's prior
+                self.prior_head.weight.zero_()
+                self.prior_head.bias[:latent_dim].zero_()
+                self.prior_head.bias[latent_dim:].fill_(math.log(math.expm1(1 - MIN_POSTERIOR_SCALE)))
         self.register_buffer("data_loc", torch.zeros(input_dim))
         self.register_buffer("data_scale", torch.ones(input_dim))
 
@@ -247,7 +289,9 @@ class STORN(nn.Module):
         return (f"input_dim={self.input_dim}, latent_dim={self.latent_dim}, "
                 f"hidden_dim={self.hidden_dim}, flow={flow}, conditional={self.flow_conditional}, "
                 f"emission={self.emission_type}, encoder={self.encoder_type}"
-                + (f", emission_hidden={self.emission_hidden}" if self.emission_hidden else ""))
+                + (f", emission_hidden={self.emission_hidden}" if self.emission_hidden else "")
+                + (f", prior={self.prior_type}" if self.prior_type != "standard" else "")
+                + (f", dropout={self.dropout}" if self.dropout else ""))
 
     # ---- data handling -------------------------------------------------------------------------
 
@@ -321,21 +365,31 @@ class STORN(nn.Module):
         loc, scale, state = (t.reshape(leading + t.shape[1:]) for t in (loc, scale, state))
         return loc, scale, state
 
-    def decode(
-        self, x: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, ...]:
-        """Emission parameters for every step, teacher-forced on ``x``: ``(loc, scale)`` in data
-        units (normal) or ``(logits,)`` (Bernoulli). ``z`` (..., T, Z) may carry more leading
-        dims than ``x`` (samples, particles)."""
+    def decoder_inputs(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's observation inputs: ``x_{t-1}`` standardised, ``x_0 = 0``."""
         x_std = self._standardize(x, self._mask(x, mask))
-        x_prev = F.pad(x_std[..., :-1, :], (0, 0, 1, 0))
+        return F.pad(x_std[..., :-1, :], (0, 0, 1, 0))
+
+    def decoder_state(self, x_prev: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """:math:`h^g_t` for every step (..., T, H), from :meth:`decoder_inputs` ``x_prev`` and
+        ``z`` (..., T, Z); the leading dims broadcast (``z`` may carry samples, particles)."""
         leading = torch.broadcast_shapes(x_prev.shape[:-2], z.shape[:-2])
         x_prev = x_prev.expand(leading + x_prev.shape[-2:])
         z = z.expand(leading + z.shape[-2:])
         flat, _ = _flatten_leading(torch.cat([x_prev, z], dim=-1), 2)
         state, _ = self.decoder_rnn(flat)
-        params = self._emission_params(state, flat[..., self.input_dim:])
-        return tuple(p.reshape(leading + p.shape[1:]) for p in params)
+        return state.reshape(leading + state.shape[1:])
+
+    def decode(
+        self, x: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None,
+        state: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """Emission parameters for every step, teacher-forced on ``x``: ``(loc, scale)`` in data
+        units (normal) or ``(logits,)`` (Bernoulli). ``z`` (..., T, Z) may carry more leading
+        dims than ``x`` (samples, particles); ``state``: its :meth:`decoder_state`, if known."""
+        if state is None:
+            state = self.decoder_state(self.decoder_inputs(x, mask), z)
+        return self._emission_params(state, z.expand(state.shape[:-1] + z.shape[-1:]))
 
     def _emission_params(self, state: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
         features = torch.cat([state, z], dim=-1) if self.emission_hidden else state
@@ -357,9 +411,17 @@ class STORN(nn.Module):
         batch_shape: torch.Size | tuple[int, ...],
         n_steps: int,
         mask: torch.Tensor | None = None,
+        x: torch.Tensor | None = None,
     ) -> dist.Distribution:
-        """:math:`\\mathcal N(0, I)` over ``z`` with event shape ``(T, Z)``; with ``mask``
-        (batch, T), steps past each sequence's last observed step count for nothing."""
+        """The prior over ``z`` with event shape ``(T, Z)``: :math:`\\mathcal N(0, I)`, or with
+        ``prior="learned"`` the :class:`DecoderStatePrior` of the sequences ``x`` (required
+        then); with ``mask`` (batch, T), steps past each sequence's last observed step count
+        for nothing."""
+        if self.prior_type == "learned":
+            if x is None:
+                raise ValueError("prior='learned' is conditioned on the sequences: pass x")
+            return DecoderStatePrior(self, self.decoder_inputs(x, mask), self._within(x, mask),
+                                     torch.Size(batch_shape))
         zeros = self.data_loc.new_zeros(tuple(batch_shape) + (n_steps, self.latent_dim))
         prior = dist.Normal(zeros, 1.0)
         if mask is not None:
@@ -413,12 +475,15 @@ class STORN(nn.Module):
         )
 
     def emission(
-        self, x: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None
+        self, x: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None,
+        prior: dist.Distribution | None = None,
     ) -> dist.Distribution:
         """:math:`p(x \\mid z)` with event shape ``(T, D)``, unobserved steps masked out; the
-        Bernoulli emission refuses observed values other than 0 and 1."""
+        Bernoulli emission refuses observed values other than 0 and 1. ``prior``: this
+        ``x``'s :meth:`prior`, whose decoder pass over ``z`` a learned prior shares."""
         step_mask = self._mask(x, mask)
-        params = self.decode(x, z, mask)
+        state = prior.decoder_state(z) if isinstance(prior, DecoderStatePrior) else None
+        params = self.decode(x, z, mask, state)
         return self._emission_distribution(params).mask(step_mask[..., None]).to_event(2)
 
     # ---- Pyro programs -------------------------------------------------------------------------
@@ -431,9 +496,10 @@ class STORN(nn.Module):
         pyro.module("storn", self)
         n_sequences, n_steps = x.shape[-3], x.shape[-2]
         with pyro.plate("sequences", n_sequences, dim=-1):
+            prior = self.prior((n_sequences,), n_steps, mask, x)
             with self._latent_scale():
-                z = pyro.sample("z", self.prior((n_sequences,), n_steps, mask))
-            return pyro.sample("x", self.emission(x, z, mask), obs=self.clean(x, mask))
+                z = pyro.sample("z", prior)
+            return pyro.sample("x", self.emission(x, z, mask, prior), obs=self.clean(x, mask))
 
     def guide(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder, ``q0`` and the flow on ``"z"`` (event shape (T, Z))."""
@@ -482,16 +548,34 @@ class STORN(nn.Module):
         prefix_std = (prefix - self.data_loc) / self.data_scale
         x_prev = F.pad(prefix_std, (0, 0, 1, 0))
         z = torch.randn(batch, n_steps, self.latent_dim, device=prefix.device, dtype=prefix.dtype)
-        _, hidden = self.decoder_rnn(torch.cat([x_prev[:, :n_prefix], z[:, :n_prefix]], dim=-1))
+        if self.prior_head is None:
+            _, hidden = self.decoder_rnn(torch.cat([x_prev[:, :n_prefix], z[:, :n_prefix]], -1))
+        else:  # each latent's prior is set by the decoder state before it: step by step
+            hidden, state = None, z.new_zeros(batch, 1, self.hidden_dim)
+            for t in range(n_prefix):
+                z[:, t] = self._prior_draw(state[:, 0], z[:, t])
+                state, hidden = self.decoder_rnn(
+                    torch.cat([x_prev[:, t], z[:, t]], dim=-1)[:, None], hidden)
         steps = [prefix]
         x_last = prefix_std[:, -1]
         for t in range(n_prefix, n_steps):
+            if self.prior_head is not None:
+                z[:, t] = self._prior_draw(state[:, 0], z[:, t])
             state, hidden = self.decoder_rnn(torch.cat([x_last, z[:, t]], dim=-1)[:, None], hidden)
             x_t = self._draw(self._emission_params(state[:, 0], z[:, t]), sample_observations)
             steps.append(x_t[:, None])
             x_last = (x_t - self.data_loc) / self.data_scale
         out = torch.cat(steps, dim=1).reshape(num_samples, -1, n_steps, self.input_dim)
         return out[:, 0] if squeeze else out
+
+    def prior_params(self, previous_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learned prior's ``(loc, scale)`` of ``z_t`` from :math:`h^g_{t-1}` (..., H)."""
+        loc, raw_scale = self.prior_head(previous_state).chunk(2, dim=-1)
+        return loc, F.softplus(raw_scale) + MIN_POSTERIOR_SCALE
+
+    def _prior_draw(self, previous_state: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        loc, scale = self.prior_params(previous_state)
+        return loc + scale * noise
 
     def _draw(self, params: tuple[torch.Tensor, ...], sample: bool) -> torch.Tensor:
         if self.emission_type == "bernoulli":
@@ -534,6 +618,72 @@ class STORN(nn.Module):
             "input_dim": self.input_dim, "latent_dim": self.latent_dim,
             "hidden_dim": self.hidden_dim, "flow": self.flow_name, "flow_length": self.flow_length,
             "emission": self.emission_type, "encoder": self.encoder_type,
-            "emission_hidden": self.emission_hidden, "condition_flow": self._condition_flow, "rnn": self.rnn_type,
+            "emission_hidden": self.emission_hidden, "prior": self.prior_type,
+            "dropout": self.dropout, "condition_flow": self._condition_flow, "rnn": self.rnn_type,
             "kl_weight": self.kl_weight, "flow_kwargs": self._flow_kwargs,
         }
+
+
+class DecoderStatePrior(TorchDistribution):
+    r"""The VRNN's prior over a STORN's latents [6]:
+    :math:`p(z \mid x) = \prod_t \mathcal N(z_t; \mu_p(h^g_{t-1}), \sigma_p(h^g_{t-1})^2)`,
+    :math:`h^g_t = \mathrm{RNN}_g(h^g_{t-1}, [x_{t-1}, z_t])`, event shape ``(T, Z)``.
+
+    ``log_prob(z)`` runs the decoder once over ``z`` and keeps that pass for the emission
+    (:meth:`decoder_state`; the last ``z`` only, held by identity); ``rsample`` runs it step by
+    step. Steps outside ``within`` (N, T) count for nothing.
+
+    :param storn: a STORN with ``prior="learned"``.
+    :param x_prev: its :meth:`STORN.decoder_inputs` of the sequences (..., T, D).
+    :param within: steps within each sequence's length, or None (all).
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.independent(constraints.real, 2)
+    has_rsample = True
+
+    def __init__(self, storn: STORN, x_prev: torch.Tensor, within: torch.Tensor | None,
+                 batch_shape: torch.Size) -> None:
+        if storn.prior_head is None:
+            raise ValueError("DecoderStatePrior needs a STORN with prior='learned'")
+        self.storn, self.x_prev, self.within = storn, x_prev, within
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        event_shape = torch.Size((x_prev.shape[-2], storn.latent_dim))
+        super().__init__(torch.Size(batch_shape), event_shape, validate_args=False)
+
+    def expand(self, batch_shape, _instance=None) -> "DecoderStatePrior":
+        batch_shape = torch.Size(batch_shape)
+        if batch_shape == self.batch_shape:  # a plate's broadcast: keep the decoder pass held
+            return self
+        x_prev = self.x_prev.expand(batch_shape + self.x_prev.shape[-2:])
+        within = None if self.within is None else self.within.expand(
+            batch_shape + self.within.shape[-1:])
+        return DecoderStatePrior(self.storn, x_prev, within, batch_shape)
+
+    def decoder_state(self, z: torch.Tensor) -> torch.Tensor:
+        """:math:`h^g_t` for ``z`` (..., T, Z), computed once per ``z``."""
+        if self._last is None or self._last[0] is not z:
+            self._last = (z, self.storn.decoder_state(self.x_prev, z))
+        return self._last[1]
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        state = self.decoder_state(z)
+        loc, scale = self.storn.prior_params(F.pad(state[..., :-1, :], (0, 0, 1, 0)))
+        log_density = dist.Normal(loc, scale).log_prob(z)
+        if self.within is not None:
+            log_density = torch.where(self.within[..., None], log_density, 0.0)
+        return log_density.sum((-2, -1))
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
+        shape = torch.Size(sample_shape) + self.batch_shape
+        x_prev, _ = _flatten_leading(self.x_prev.expand(shape + self.x_prev.shape[-2:]), 2)
+        n, n_steps = x_prev.shape[0], x_prev.shape[1]
+        state = x_prev.new_zeros(n, 1, self.storn.hidden_dim)
+        hidden, latents = None, []
+        for t in range(n_steps):
+            noise = torch.randn(n, self.storn.latent_dim, dtype=x_prev.dtype, device=x_prev.device)
+            z_t = self.storn._prior_draw(state[:, 0], noise)
+            state, hidden = self.storn.decoder_rnn(torch.cat([x_prev[:, t], z_t], -1)[:, None],
+                                                   hidden)
+            latents.append(z_t)
+        return torch.stack(latents, dim=1).reshape(shape + self.event_shape)

@@ -10,10 +10,10 @@ import math
 import pyro
 import pytest
 import torch
-from pyro import poutine
 
 import transforms
 from pyro_storn import STORN
+from storn_traces import per_sequence_log_weights
 from pyro_storn.flow_terms import flow_terms
 from pyro_storn.storn import ENCODERS, reverse_within_length, within_length
 
@@ -59,18 +59,6 @@ def _alone(x: torch.Tensor, i: int) -> torch.Tensor:
     return x[i : i + 1, : LENGTHS[i]]
 
 
-def _per_sequence_log_weights(storn, x, mask, z=None) -> torch.Tensor:
-    """log p(x, z) - log q(z) per sequence from Pyro's traces of the model and the guide."""
-    guide_trace = poutine.trace(storn.guide).get_trace(x, mask)
-    if z is not None:  # score given draws: the guide's density at them (through the inverse)
-        guide_trace.nodes["z"]["value"] = z
-    model_trace = poutine.trace(poutine.replay(storn.model, trace=guide_trace)).get_trace(x, mask)
-    guide_trace.compute_log_prob()
-    model_trace.compute_log_prob()
-    log_p = model_trace.nodes["z"]["log_prob"] + model_trace.nodes["x"]["log_prob"]
-    return log_p - guide_trace.nodes["z"]["log_prob"], guide_trace.nodes["z"]["value"]
-
-
 def _terms(storn, x, mask, z0):
     """Flow terms and log-weights for base draws ``z0`` (S, N, T, Z)."""
     posterior = storn.posterior(x, mask)
@@ -94,13 +82,13 @@ def test_padded_sequence_scores_as_it_does_alone(flow, length, condition_flow, e
     storn = _storn(flow, length, condition_flow, encoder)
     x, mask = _batch()
     with torch.no_grad():
-        log_w, z = _per_sequence_log_weights(storn, x, mask)
+        log_w, z = per_sequence_log_weights(storn, x, mask)
         assert torch.isfinite(log_w).all()
         z0 = torch.randn(SAMPLES, *z.shape, dtype=z.dtype, generator=torch.Generator().manual_seed(2))
         terms, log_w_samples = _terms(storn, x, mask, z0)
         for i in range(len(LENGTHS)):
             steps = LENGTHS[i]
-            alone_log_w, _ = _per_sequence_log_weights(
+            alone_log_w, _ = per_sequence_log_weights(
                 storn, _alone(x, i), None, z[i : i + 1, :steps])
             _close(alone_log_w[0], log_w[i], f"sequence {i}: log p(x, z) - log q(z)")
             alone_terms, alone_samples = _terms(storn, _alone(x, i), None, z0[:, i : i + 1, :steps])
@@ -155,9 +143,9 @@ def test_every_registry_flow_scores_padding_exactly(flow):
     storn = _storn(flow, 2, True, "bidirectional")
     x, mask = _batch()
     with torch.no_grad():
-        log_w, z = _per_sequence_log_weights(storn, x, mask)
+        log_w, z = per_sequence_log_weights(storn, x, mask)
         for i in (1, 2):
-            alone, _ = _per_sequence_log_weights(storn, _alone(x, i), None, z[i : i + 1, : LENGTHS[i]])
+            alone, _ = per_sequence_log_weights(storn, _alone(x, i), None, z[i : i + 1, : LENGTHS[i]])
             _close(alone[0], log_w[i], f"{flow}: sequence {i}")
     loss = pyro.infer.Trace_ELBO(max_plate_nesting=1).differentiable_loss(
         storn.model, storn.guide, x, mask)
@@ -231,7 +219,7 @@ def test_mlp_emission_keeps_padding_exact(encoder):
     x, mask = _batch()
     storn.set_data_statistics(x, mask)
     with torch.no_grad():
-        log_w, z = _per_sequence_log_weights(storn, x, mask)
+        log_w, z = per_sequence_log_weights(storn, x, mask)
         for i in range(len(LENGTHS)):
-            alone, _ = _per_sequence_log_weights(storn, _alone(x, i), None, z[i : i + 1, : LENGTHS[i]])
+            alone, _ = per_sequence_log_weights(storn, _alone(x, i), None, z[i : i + 1, : LENGTHS[i]])
             _close(alone[0], log_w[i], f"sequence {i}: log p(x, z) - log q(z)")
