@@ -2,7 +2,9 @@
 
 Batch 4096, D = 2, 16, 64, K = 8 layers: forward + log-det (no grad), and forward + backward of
 sum(y) + sum(log-det). Each contender is a stack built the same way (a reversal between layers
-where the flow needs one), so the ratio compares the layers themselves.
+where the flow needs one), so the ratio compares the layers themselves. The families registered
+for issue #19 are compared with Pyro's layer of the same family on our parameters
+(:mod:`benchmarks.family_twins`), plain and conditional, at D = 8.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from typing import Any, Callable
 
 import pyro.distributions.transforms as pyro_transforms
 import torch
+from pyro.distributions.conditional import ConditionalTransform
 
 import transforms
 from transforms.autoregressive import InverseAutoregressive
 from transforms.coupling import AffineCoupling
 
 from .external_twins import EXTERNAL_TWINS, TWIN_NOTES, TwinStack
+from .family_twins import FAMILY_TWINS, pyro_twin, same_math_variant
 from .harness import Timing, paired_interval, paired_ratio, time_interleaved
 
 __all__ = ["run"]
@@ -58,6 +62,14 @@ INVERSE_FLOWS = (("planar", 2), ("radial", 2), ("sylvester", 2), ("conv_planar",
 # autoregressive inverse (D network passes) is stated, not judged.
 INVERSE_TARGETS = {"closed": 5.0, "numerical": 20.0}
 CONV_SEQ_LEN = 100  # T of the (B, T, Z) sequences fed to conv_planar
+# The #19 families' rows against Pyro's layers: one D, that of the inverse table (their coupling and
+# autoregressive stacks already take 0.07-0.45 s a call there, four contenders a round), and, for
+# the conditional forms, a context of this size per sample.
+FAMILY_DIM = 8
+FAMILY_CONTEXT_DIM = 8
+# A stack of 8 polynomial layers (degree 9 each) overflows float32 from N(0, 1) inputs, Pyro's and
+# ours alike (|y| ~ 1e9 after 4 layers): 2 layers keep the timed values finite.
+FAMILY_LENGTH = {"polynomial": 2}
 
 
 def _pyro_stack(name: str, dim: int, length: int) -> list[Any]:
@@ -112,19 +124,35 @@ def _forward_logdet(parts: list[Any], x: torch.Tensor) -> tuple[torch.Tensor, to
     log_det = x.new_zeros(())
     for part in parts:
         y = part(x)
-        log_det = log_det + part.log_abs_det_jacobian(x, y)
+        part_log_det = part.log_abs_det_jacobian(x, y)
+        if part_log_det.dim() == x.dim():  # an elementwise layer of event dim 0 (Pyro's Spline)
+            part_log_det = part_log_det.sum(-1)
+        log_det = log_det + part_log_det
         x = y
     return x, log_det
 
 
-def _forward_and_logdet(stack: list[Any] | TwinStack) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """One call ``x -> (y, log_det)`` for a list of our/Pyro's parts or another library's twin."""
-    if isinstance(stack, TwinStack):
+class ConditionalStack:
+    """A stack of conditional parts (``condition(context)`` each, a permutation's returning
+    itself), called on ``(x, context)``: conditioned afresh at each call, as a guide does."""
+
+    def __init__(self, parts: list[ConditionalTransform]) -> None:
+        self.parts = parts
+
+    def forward_and_logdet(self, value: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, context = value
+        return _forward_logdet([part.condition(context) for part in self.parts], x)
+
+
+def _forward_and_logdet(stack: list[Any] | TwinStack | ConditionalStack) -> Callable[[Any], tuple[torch.Tensor, torch.Tensor]]:
+    """One call ``x -> (y, log_det)`` for a list of our/Pyro's parts or another library's twin
+    (``(x, context) -> (y, log_det)`` for a conditional stack)."""
+    if isinstance(stack, (TwinStack, ConditionalStack)):
         return stack.forward_and_logdet
     return lambda x: _forward_logdet(stack, x)
 
 
-def _forward_contender(stack: list[Any] | TwinStack) -> Callable[[torch.Tensor], None]:
+def _forward_contender(stack: list[Any] | TwinStack | ConditionalStack) -> Callable[[Any], None]:
     run = _forward_and_logdet(stack)
 
     def call(x: torch.Tensor) -> None:
@@ -134,7 +162,7 @@ def _forward_contender(stack: list[Any] | TwinStack) -> Callable[[torch.Tensor],
     return call
 
 
-def _backward_contender(stack: list[Any] | TwinStack) -> Callable[[torch.Tensor], None]:
+def _backward_contender(stack: list[Any] | TwinStack | ConditionalStack) -> Callable[[Any], None]:
     run = _forward_and_logdet(stack)
 
     def call(x: torch.Tensor) -> None:
@@ -155,9 +183,9 @@ def _inverse_contender(parts: list[Any]) -> Callable[[torch.Tensor], None]:
 
 def _verdict(throughput: list[dict[str, Any]], interval: Callable[[dict[str, Any]], tuple[float, float]],
              what: str) -> str:
-    """Which rows miss the target beyond the noise (the paired interval's lower end above it),
-    and which are undecided (the interval straddles it); ``interval(row)`` picks the comparison
-    that ``what`` names."""
+    """Which rows meet the target (the paired interval at or below it), which miss it beyond
+    the noise (the interval's lower end above it), and which are undecided (the interval
+    straddles it); ``interval(row)`` picks the comparison that ``what`` names."""
     if min((row["ours"]["repeats"] for row in throughput), default=0) < MIN_REPEATS_FOR_VERDICT:
         return "Too few repeats here for an interval to judge the target by (a smoke run)."
 
@@ -166,11 +194,19 @@ def _verdict(throughput: list[dict[str, Any]], interval: Callable[[dict[str, Any
 
     above = [name(r) for r in throughput if interval(r)[0] > THROUGHPUT_TARGET]
     straddle = [name(r) for r in throughput if interval(r)[0] <= THROUGHPUT_TARGET < interval(r)[1]]
+    met = [name(r) for r in throughput if interval(r)[1] <= THROUGHPUT_TARGET]
     return (
         f"{what}: above the target beyond the noise (paired interval entirely above "
         f"{THROUGHPUT_TARGET}): {', '.join(above) or 'none'}. Interval straddling it: "
-        f"{', '.join(straddle) or 'none'}."
+        f"{', '.join(straddle) or 'none'}. Meeting it (interval at or below {THROUGHPUT_TARGET}): "
+        f"{', '.join(met) or 'none'}."
     )
+
+
+def _verdict_lines(rows: list[dict[str, Any]], same_math_verdict: Callable[[list[dict[str, Any]]], str]) -> list[str]:
+    """The two verdicts under a table against Pyro: our defaults, then the same math."""
+    return ["", _verdict(rows, _default_interval, "Our default layers against Pyro's"), "",
+            same_math_verdict(rows), ""]
 
 
 def _default_interval(row: dict[str, Any]) -> tuple[float, float]:
@@ -234,21 +270,22 @@ def _throughput(dims: tuple[int, ...], batch: int, repeats: int, warmup: int, ca
                     device=device,
                     calls_per_repeat=calls,
                 )
-                rows.append(
-                    {
-                        "flow": name,
-                        "dim": dim,
-                        "mode": mode,
-                        "ours": timings["ours"].summary(),
-                        "pyro": timings["pyro"].summary(),
-                        "ratio": timings["ours"].median / timings["pyro"].median,
-                        "paired_ratio": paired_ratio(timings["ours"], timings["pyro"]),
-                        "paired_interval": paired_interval(timings["ours"], timings["pyro"]),
-                        "control_ratio": timings["pyro_again"].median / timings["pyro"].median,
-                        **_same_math(timings, variant, check),
-                    }
-                )
+                rows.append({"flow": name, "dim": dim, "mode": mode, **_against_pyro(timings),
+                             **_same_math(timings, variant, check)})
     return rows
+
+
+def _against_pyro(timings: dict[str, Timing]) -> dict[str, Any]:
+    """Ours against Pyro's in one interleaved run: medians, their ratio, the paired ratio with its
+    interval, and the A/A control (Pyro's second stack against its first)."""
+    return {
+        "ours": timings["ours"].summary(),
+        "pyro": timings["pyro"].summary(),
+        "ratio": timings["ours"].median / timings["pyro"].median,
+        "paired_ratio": paired_ratio(timings["ours"], timings["pyro"]),
+        "paired_interval": paired_interval(timings["ours"], timings["pyro"]),
+        "control_ratio": timings["pyro_again"].median / timings["pyro"].median,
+    }
 
 
 def _same_map_check(pyros: list[Any], unbounded: list[Any], x: torch.Tensor) -> dict[str, Any]:
@@ -320,6 +357,135 @@ def _external(dims: tuple[int, ...], batch: int, repeats: int, warmup: int, call
     return rows
 
 
+def _family_label(name: str, conditional: bool) -> str:
+    return f"{name} (conditional)" if conditional else name
+
+
+def _family_stack(name: str, conditional: bool, dim: int, device: torch.device) -> list[Any]:
+    """A fresh stack of ours: the parts of the plain flow, or every part of the conditional one
+    (a permutation wrapped as a constant conditional transform)."""
+    length = FAMILY_LENGTH.get(name, LENGTH)
+    if not conditional:
+        return list(transforms.flow(name, dim, length).to(device).parts)
+    return list(transforms.flow(name, dim, length, context_dim=FAMILY_CONTEXT_DIM).to(device).transforms)
+
+
+def _on_device(parts: list[Any], device: torch.device) -> list[Any]:
+    return [part.to(device) if isinstance(part, torch.nn.Module) else part for part in parts]
+
+
+def _agreement(first: Any, second: Any, value: Any) -> dict[str, Any]:
+    """The largest differences of two stacks' outputs and log-dets on one draw ``value``, and
+    whether both stayed finite (a difference of overflowed values says nothing)."""
+    with torch.no_grad():
+        (y_a, log_det_a), (y_b, log_det_b) = (_forward_and_logdet(stack)(value) for stack in (first, second))
+    finite = all(bool(torch.isfinite(t).all()) for t in (y_a, y_b, log_det_a, log_det_b))
+    return {"max_abs_dy": float((y_a - y_b).abs().max()), "max_abs_dlogdet": float((log_det_a - log_det_b).abs().max()),
+            "finite": finite}
+
+
+def _family_throughput(dim: int, batch: int, repeats: int, warmup: int, calls: int | str, device: torch.device):
+    """Each #19 family (and its conditional form where Pyro has one) against Pyro's layer on our
+    parameters, with the A/A control and, where our default is not Pyro's map but a setting of
+    ours is, that setting against Pyro (``same_math``)."""
+    rows = []
+    for (name, conditional), twin in FAMILY_TWINS.items():
+        if name not in transforms.available() or dim < transforms.info(name).min_input_dim:
+            continue
+        wrap = ConditionalStack if conditional else list
+        ours_parts = _family_stack(name, conditional, dim, device)
+        stacks = {
+            "ours": wrap(ours_parts),
+            "pyro": wrap(_on_device([pyro_twin(p, name, conditional) for p in ours_parts], device)),
+            "pyro_again": wrap(_on_device(
+                [pyro_twin(p, name, conditional) for p in _family_stack(name, conditional, dim, device)], device)),
+        }
+        if twin.variant is not None:
+            stacks["ours_same_math"] = wrap([same_math_variant(p, name, conditional) for p in ours_parts])
+
+        def make_input() -> Any:
+            x = torch.randn(batch, dim, device=device)
+            return (x, torch.randn(batch, FAMILY_CONTEXT_DIM, device=device)) if conditional else x
+
+        same_stack = stacks.get("ours_same_math", stacks["ours"])
+        agreement = _agreement(same_stack, stacks["pyro"], make_input())
+        for mode, contender in (("forward+logdet", _forward_contender), ("forward+backward", _backward_contender)):
+            timings = time_interleaved(
+                {key: contender(stack) for key, stack in stacks.items()},
+                make_input, repeats=repeats, warmup=warmup, device=device, calls_per_repeat=calls,
+            )
+            same = timings.get("ours_same_math", timings["ours"])
+            rows.append(
+                {
+                    "flow": _family_label(name, conditional),
+                    "family": name,
+                    "conditional": conditional,
+                    "dim": dim,
+                    "length": FAMILY_LENGTH.get(name, LENGTH),
+                    "mode": mode,
+                    **_against_pyro(timings),
+                    "same_math": {
+                        "judged": twin.same_math or twin.variant is not None,
+                        "variant": twin.variant is not None,
+                        "paired_ratio": paired_ratio(same, timings["pyro"]),
+                        "paired_interval": paired_interval(same, timings["pyro"]),
+                    },
+                    "agreement": agreement,
+                    "note": twin.note,
+                }
+            )
+    return rows
+
+
+def _family_same_math_verdict(rows: list[dict[str, Any]]) -> str:
+    judged = [row for row in rows if row["same_math"]["judged"] and row["agreement"]["finite"]]
+    verdict = _verdict(judged, _same_math_interval, "Same math against Pyro's")
+    not_judged = [f"{row['flow']} D = {row['dim']} {row['mode']}" for row in rows if row not in judged]
+    if not_judged:
+        verdict += f" Not judged (not Pyro's map, see the notes): {', '.join(not_judged)}."
+    return verdict
+
+
+def _family_lines(rows: list[dict[str, Any]], dim: int, batch: int, repeats: int) -> list[str]:
+    lines = [
+        f"### The #19 families against Pyro's layers (batch {batch}, D = {dim}, {repeats} interleaved repeats)",
+        "",
+        f"Pyro 1.9's layer of each family, built on our stack's own parameters (copied, or its very "
+        f"network; `benchmarks/family_twins.py`), a second set for the A/A stack; K = {LENGTH} layers "
+        f"(polynomial: {FAMILY_LENGTH.get('polynomial', LENGTH)}), permutations shared. Conditional rows: a "
+        f"context of {FAMILY_CONTEXT_DIM} per sample, each stack conditioned inside every timed call. "
+        "Ratio, paired and A/A as above. Same math: ours against Pyro, paired, where the two compute "
+        "one map: our default itself (\"the default\"), or ours set to Pyro's map where the default is "
+        "not and such a setting exists; \"not Pyro's map\" rows are stated, not judged. Agreement: "
+        "the largest |difference| of the outputs and of the log-dets of Pyro's stack and ours (the "
+        "same-math one), on one draw, checked before timing.",
+        "",
+        "| flow | D | K | mode | ours median ms (min-max) | Pyro median ms (min-max) | ratio | paired (95% interval) | A/A | same math: paired (95% interval) | agreement: max abs dy, d log-det |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        same = row["same_math"]
+        if not same["judged"]:
+            same_cell = "not Pyro's map"
+        elif same["variant"]:
+            same_cell = "ours set to Pyro's map: " + _paired_cell(same)
+        else:
+            same_cell = "the default"
+        agreement = row["agreement"]
+        agreement_cell = f"{agreement['max_abs_dy']:.1e}, {agreement['max_abs_dlogdet']:.1e}"
+        if not agreement["finite"]:
+            agreement_cell += " (not finite)"
+        lines.append(
+            f"| {row['flow']} | {row['dim']} | {row['length']} | {row['mode']} | {_ms(row['ours'])} | {_ms(row['pyro'])} "
+            f"| {row['ratio']:.2f} | {_paired_cell(row)} | {row['control_ratio']:.2f} | {same_cell} | {agreement_cell} |"
+        )
+    lines += _verdict_lines(rows, _family_same_math_verdict) + ["What each Pyro twin is, and what differs:", ""]
+    for row in rows:
+        if row["mode"] == "forward+logdet":
+            lines.append(f"- {row['flow']}: {row['note']}.")
+    return lines + [""]
+
+
 def _inverse_target(how: str) -> float | None:
     if how.startswith("numerical"):
         return INVERSE_TARGETS["numerical"]
@@ -335,7 +501,8 @@ def _inverse_cost(batch: int, repeats: int, warmup: int, calls: int | str, devic
             continue
         entry = transforms.info(name)
         shape = (batch, dim) if entry.event_dim == 1 else (max(batch // CONV_SEQ_LEN, 1), CONV_SEQ_LEN, dim)
-        parts = list(transforms.flow(name, dim, LENGTH).to(device).parts)
+        # polynomial: the stack that stays finite in the forward direction, as in its throughput rows
+        parts = list(transforms.flow(name, dim, FAMILY_LENGTH.get(name, LENGTH)).to(device).parts)
 
         def make_input() -> torch.Tensor:
             return torch.randn(*shape, device=device)
@@ -368,6 +535,8 @@ def run(*, smoke: bool = False, device: torch.device | str = "cpu") -> tuple[dic
     dims = (2,) if smoke else DIMS
     repeats, warmup, calls = (1, 0, 1) if smoke else (21, 3, "auto")
     throughput = _throughput(dims, batch, repeats, warmup, calls, device)
+    family_dim = 3 if smoke else FAMILY_DIM
+    families = _family_throughput(family_dim, batch, repeats, warmup, calls, device)
     inverse = _inverse_cost(batch, repeats, warmup, calls, device)
     external = _external(dims, batch, repeats, warmup, calls, device)
     lines = [
@@ -412,15 +581,11 @@ def run(*, smoke: bool = False, device: torch.device | str = "cpu") -> tuple[dic
         lines.append(
             f"| {row['flow']} | {row['dim']} | {row['mode']} | {_ms(row['ours'])} | {_ms(row['pyro'])} | {row['ratio']:.2f} | {_paired_cell(row)} | {row['control_ratio']:.2f} | {same_cell} | {cost_cell} |"
         )
+    lines += _verdict_lines(throughput, _same_math_verdict)
+    lines += _family_lines(families, family_dim, batch, repeats)
     lines += [
-        "",
-        _verdict(throughput, _default_interval, "Our default layers against Pyro's"),
-        "",
-        _same_math_verdict(throughput),
-        "",
-    ]
-    lines += [
-        f"### Inverse cost against forward (K = {LENGTH}, no grad); target <= 5x closed form, <= 20x numerical",
+        f"### Inverse cost against forward (K = {LENGTH}, polynomial {FAMILY_LENGTH['polynomial']}, no grad); "
+        "target <= 5x closed form, <= 20x numerical",
         "",
         "How each inverts is the registry's `FlowInfo.inverse`. A sequential autoregressive inverse "
         "(D network passes per layer) is stated, not judged.",
@@ -452,7 +617,7 @@ def run(*, smoke: bool = False, device: torch.device | str = "cpu") -> tuple[dic
         lines += ["", "What each twin computes:", ""]
         for flow, library in dict.fromkeys((row["flow"], row["library"]) for row in external):
             lines.append(f"- {flow} / {library}: {TWIN_NOTES.get((flow, library), '')}")
-    return {"throughput": throughput, "inverse": inverse, "external": external}, "\n".join(lines) + "\n"
+    return {"throughput": throughput, "families": families, "inverse": inverse, "external": external}, "\n".join(lines) + "\n"
 
 
 def _paired_cell(comparison: dict[str, Any]) -> str:
