@@ -24,7 +24,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, Sequence
 
-from .interrupts import exit_code, raise_on_sigterm, signal_of, stop_after
+from .interrupts import exit_code, raise_on_stop, signal_of
 
 if TYPE_CHECKING:
     from .data.sequences import SequenceData
@@ -559,7 +559,7 @@ def _stopped(prog: str, stop: KeyboardInterrupt) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    with raise_on_sigterm():  # SIGTERM unwinds as Ctrl-C does: locks released, temporaries gone
+    with raise_on_stop():  # SIGTERM unwinds as Ctrl-C does; neither cuts an import
         try:
             return _main(argv)
         except KeyboardInterrupt as stop:  # also while the heavy modules are being imported
@@ -567,9 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    with stop_after():  # build_parser imports torch: a Ctrl-C must not cut an import
-        parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     command = {"simulate": _simulate, "train": _train, "evaluate": _evaluate,
                "diagnose": _diagnose, "generate": _generate, "report": _report}[args.command]
     try:

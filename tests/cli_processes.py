@@ -12,7 +12,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["TIMEOUT_S", "cli", "cli_env", "running", "sigkill", "wait_for"]
+__all__ = ["TIMEOUT_S", "cli", "cli_env", "cli_stopped_while_importing", "running", "sigkill",
+           "wait_for"]
 
 TIMEOUT_S = 240  # a loaded 2-core machine needs ~8 s to start one process
 POLL_S = 0.01
@@ -27,6 +28,28 @@ def cli_env() -> dict[str, str]:
 
 def cli(*args: object) -> list[str]:
     return [sys.executable, "-m", "pyro_storn.cli", *map(str, args)]
+
+
+# Sends the process a signal from inside the import of module argv[1], then runs pyro-storn.
+_STOP_WHILE_IMPORTING = """
+import os, sys
+
+class StopWhileImporting:
+    def find_spec(self, name, path=None, target=None):
+        if name == sys.argv[1]:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), int(sys.argv[2]))
+
+sys.meta_path.insert(0, StopWhileImporting())
+from pyro_storn.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def cli_stopped_while_importing(module: str, signum: int, *args: object) -> list[str]:
+    """``pyro-storn *args``, sent ``signum`` while it imports ``module`` (the first time)."""
+    return [sys.executable, "-c", _STOP_WHILE_IMPORTING, module, str(int(signum)),
+            *map(str, args)]
 
 
 @contextlib.contextmanager
