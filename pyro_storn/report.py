@@ -14,6 +14,7 @@ from .data.pendulum import ACTION_FEATURE, FEATURES
 from .diagnostics import KHAT_THRESHOLD
 from .plots import (plot_flow_terms, plot_generation, plot_khat_per_sequence, plot_losses,
                     plot_piano_roll)
+from .rundir import write_text_atomic
 from .runs import EVALUATION_NAME, GENERATED_NAME, read_run_config
 from .tables import MISSING, markdown_table
 from .training import read_metrics
@@ -212,6 +213,4 @@ def write_report(
                   f"{what}the first {n_prefix} step(s) of a test sequence observed and the rest "
                   f"generated {count} times with z from the prior.", "",
                   f"![generation {name}]({png.relative_to(out.parent)})", ""]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(parts))
-    return out
+    return write_text_atomic(out, "\n".join(parts))

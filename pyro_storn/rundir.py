@@ -13,9 +13,9 @@ unreadable ``best.pt``.
   fresh ``train`` may clear (:func:`start_over`), and from one holding anything else.
 - **Outputs.** :func:`check_output_file` / :func:`check_output_dir` refuse an existing file
   (without ``force``), a directory named as a file, a file named as a directory, and a place
-  that cannot be written, before any work; :func:`atomic_write` leaves either the old file or the
-  new one and never a temporary one, and every figure is written through it
-  (:func:`save_figure`).
+  that cannot be written, before any work; :func:`atomic_write` (:func:`atomic_write_path` for
+  writers that need a file name) leaves either the old file or the new one and never a
+  temporary one, and every figure is written through it (:func:`save_figure`).
 - **Recovery.** :func:`load_best_or_last` falls back to ``checkpoint.pt`` when ``best.pt`` (and
   its ``.prev``) are unreadable, with a one-line warning.
 
@@ -51,6 +51,7 @@ __all__ = [
     "RunLockedError",
     "arrays_sha256",
     "atomic_write",
+    "atomic_write_path",
     "check_output_dir",
     "check_output_file",
     "check_device",
@@ -356,16 +357,30 @@ def check_output_dir(directory: str | os.PathLike, what: str, names: Sequence[st
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """``write(handle)`` into a temporary file beside ``path``, then rename it into place: a
     reader sees the old file or the new one, and a failure (or Ctrl-C) leaves no temporary."""
+
+    def write_file(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            write(handle)
+
+    return atomic_write_path(path, write_file, suffix=".tmp")
+
+
+def atomic_write_path(path: str | os.PathLike, write: Callable[[Path], None], *,
+                      suffix: str | None = None) -> Path:
+    """:func:`atomic_write` for writers that open the file themselves (ArviZ's netCDF writer
+    opens it once per group): ``write(tmp)`` writes a temporary path beside ``path``, ending in
+    ``suffix`` (default ``.tmp`` + ``path``'s suffix, for writers that go by it), which is then
+    renamed into place."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{str(path)!r} is a directory, not a file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    suffix = f".tmp{path.suffix}" if suffix is None else suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write(Path(tmp))
+        _fsync(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
@@ -386,6 +401,14 @@ def save_figure(fig: Any, path: str | os.PathLike, **savefig: Any) -> Path:
     path = Path(path)
     savefig.setdefault("format", path.suffix.lstrip(".") or None)
     return atomic_write(path, lambda handle: fig.savefig(handle, **savefig))
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)  # Linux and macOS flush a file through any descriptor
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

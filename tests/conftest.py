@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
 from pathlib import Path
 
 import pytest
@@ -25,3 +27,41 @@ def sample_5k():
     from pyro_storn.data import mnist
 
     return mnist.load_mnist_5k()
+
+
+class _HalfFull:
+    """A file whose disk fills up half-way through the first write."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+
+    def write(self, data) -> int:
+        self._handle.write(data[: len(data) // 2])
+        self._handle.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __enter__(self) -> "_HalfFull":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.close()
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+
+@pytest.fixture
+def disk_full(monkeypatch):
+    """``disk_full(name)``: from then on, every atomic write of a file called ``name``
+    (:mod:`pyro_storn.rundir` writes a temporary ``.name.*`` beside it) fills the disk half-way."""
+    from pyro_storn import rundir
+
+    def fill_on(name: str) -> None:
+        def open_(file, mode="r", *args, **kwargs):
+            handle = builtins.open(file, mode, *args, **kwargs)
+            torn = "w" in mode and Path(file).name.startswith(f".{name}.")
+            return _HalfFull(handle) if torn else handle
+
+        monkeypatch.setattr(rundir, "open", open_, raising=False)
+
+    return fill_on

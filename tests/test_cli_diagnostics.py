@@ -203,3 +203,14 @@ def test_importance_summary_round_trips_through_its_dict(run_copy, capsys):
     assert _run(capsys, "evaluate", run_copy, "--samples", 4, "--psis-samples", 4)[0] == 0
     stored = json.loads((run_copy / "evaluation.json").read_text())["psis"]
     assert ImportanceSummary.from_dict(stored).to_dict() == stored
+
+
+def test_report_torn_mid_write_keeps_the_old_report(run_copy, tmp_path, capsys, disk_full):
+    out = tmp_path / "report.md"
+    out.write_text("the previous report\n")
+    disk_full("report.md")
+    code, _, err = _run(capsys, "report", run_copy, "--out", out, "--force")
+    assert code == 2 and err.strip().splitlines() == ["pyro-storn report: error: No space left "
+                                                      "on device"]
+    assert out.read_text() == "the previous report\n"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".report.md")]

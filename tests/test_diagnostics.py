@@ -8,7 +8,9 @@ s^2 = 1 / (1 + M / sigma^2), m_i = s^2 sum_j x_ij / sigma^2. Evidence, per coord
 
 from __future__ import annotations
 
+import errno
 import math
+from pathlib import Path
 
 import arviz as az
 import numpy as np
@@ -333,6 +335,33 @@ def test_write_diagnostics_files(data, tmp_path):
     summary = json.loads(paths["summary"].read_text())
     assert summary["num_items"] == NUM_ITEMS
     assert az.from_netcdf(str(paths["inference_data"])).posterior["z"].shape[1] == 300
+
+
+@pytest.mark.parametrize("name", ["inference_data.nc", "importance.json"])
+def test_write_diagnostics_torn_mid_write_keeps_the_old_file(data, tmp_path, monkeypatch,
+                                                               disk_full, name):
+    out = tmp_path / "diag"
+    out.mkdir()
+    old = {n: f"the previous {n}".encode() for n in ("inference_data.nc", "importance.json")}
+    for n, content in old.items():
+        (out / n).write_bytes(content)
+    netcdf_paths = []
+    if name == "inference_data.nc":
+        def torn_netcdf(self, filename, *args, **kwargs):
+            netcdf_paths.append(Path(filename))
+            Path(filename).write_bytes(b"\x89HDF\r\n")  # a netCDF4 file's head, then ENOSPC
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(az.InferenceData, "to_netcdf", torn_netcdf)
+    else:
+        disk_full(name)
+    pyro.set_rng_seed(0)
+    with pytest.raises(OSError, match="No space left"):
+        diagnostics.write_diagnostics(out, model, make_guide(0.5), data, num_samples=20)
+    assert (out / name).read_bytes() == old[name]
+    assert sorted(p.name for p in out.iterdir()) == sorted(old)  # no temporary left
+    if netcdf_paths:  # written beside the file, under a name with its suffix
+        assert netcdf_paths[0].parent == out and netcdf_paths[0].suffix == ".nc"
 
 
 def test_scaled_sites_warn(data):

@@ -1,7 +1,10 @@
-"""Figures are written atomically (:func:`pyro_storn.rundir.save_figure`): a write that fails part
-way leaves the old file or none at the final path, and no temporary file."""
+"""Files are written atomically (:func:`pyro_storn.rundir.save_figure`, :func:`write_text_atomic`,
+:func:`atomic_write_path`): a write that fails part way leaves the old file or none at the final
+path, and no temporary file."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import matplotlib
 
@@ -10,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.artist import Artist  # noqa: E402
 
-from pyro_storn.rundir import save_figure  # noqa: E402
+from pyro_storn.rundir import atomic_write_path, save_figure, write_text_atomic  # noqa: E402
 
 # What each format's file starts with.
 MAGIC = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<?xml"}
@@ -69,3 +72,43 @@ def test_an_explicit_format_wins_over_the_suffix(tmp_path):
     save_figure(fig, path, format="pdf")
     plt.close(fig)
     assert path.read_bytes().startswith(MAGIC["pdf"])
+
+
+@pytest.mark.parametrize("old", [b"the previous text", None], ids=["replacing", "new"])
+def test_a_text_torn_by_a_full_disk_leaves_the_old_file_or_none(tmp_path, disk_full, old):
+    path = tmp_path / "summary.json"
+    if old is not None:
+        path.write_bytes(old)
+    disk_full("summary.json")
+    with pytest.raises(OSError, match="No space left"):
+        write_text_atomic(path, '{"a long": "new text"}\n')
+    assert sorted(tmp_path.iterdir()) == ([] if old is None else [path])
+    if old is not None:
+        assert path.read_bytes() == old
+
+
+def test_a_writer_that_needs_a_name_gets_a_temporary_beside_the_file_with_its_suffix(tmp_path):
+    path = tmp_path / "posterior.nc"
+    path.write_bytes(b"old")
+    names = []
+
+    def write(tmp: Path) -> None:
+        names.append(tmp)
+        tmp.write_bytes(b"new")
+
+    assert atomic_write_path(path, write) == path
+    assert path.read_bytes() == b"new" and list(tmp_path.iterdir()) == [path]
+    assert names[0].parent == tmp_path and names[0].name.endswith(".tmp.nc")
+
+
+def test_a_writer_that_needs_a_name_and_fails_part_way_leaves_the_old_file(tmp_path):
+    path = tmp_path / "posterior.nc"
+    path.write_bytes(b"old")
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(b"\x89HDF\r\n")  # a netCDF4 file's head, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_path(path, write)
+    assert path.read_bytes() == b"old" and list(tmp_path.iterdir()) == [path]

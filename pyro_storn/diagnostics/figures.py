@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..rundir import save_figure
+from ..rundir import atomic_write_path, save_figure, write_text_atomic
 from .draws import ImportanceDraws, draw_importance_samples
 from .inference_data import draws_to_inference_data
 from .psis import KHAT_THRESHOLD, ImportanceSummary, summarize_importance
@@ -184,8 +184,8 @@ def write_diagnostics(
     summary = summarize_importance(draws)
     idata = draws_to_inference_data(draws, dims=dims, coords=coords)
     paths = {"inference_data": out_dir / "inference_data.nc", "summary": out_dir / "importance.json"}
-    idata.to_netcdf(str(paths["inference_data"]))
-    paths["summary"].write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    atomic_write_path(paths["inference_data"], lambda tmp: idata.to_netcdf(str(tmp)))
+    write_text_atomic(paths["summary"], json.dumps(summary.to_dict(), indent=2) + "\n")
 
     if summary.khat_per_item is not None:
         item_dim = idata.sample_stats["log_weight_item"].dims[-1]
