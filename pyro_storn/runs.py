@@ -37,6 +37,7 @@ from .evaluation import bounds_summary, evaluate_bounds, sequence_metrics
 from .distributed import DistributedEnv, ExampleNoise, init_distributed, primary_failure_stops_all
 from .storn import ENCODERS, EMISSIONS, PRIORS, RNN_TYPES, STORN
 from .training import BEST_NAME, CHECKPOINT_NAME, FitResult, Optimizer, elbo_module, fit
+from .validation import check_probability
 
 __all__ = [
     "TrainConfig",
@@ -149,9 +150,7 @@ class TrainConfig:
                              f"{', '.join(ENCODERS)}")
         if self.prior not in PRIORS:
             raise ValueError(f"unknown prior {self.prior!r}; valid choices: {', '.join(PRIORS)}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        check_probability("dropout", self.dropout)
         if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < math.inf):
             raise ValueError(f"weight_decay must be a non-negative number, got "
                              f"{self.weight_decay!r}")

@@ -105,7 +105,7 @@ from torch.distributions import Transform
 
 import transforms
 
-from .validation import check_non_negative_int, check_positive_int
+from .validation import check_non_negative_int, check_positive_int, check_probability
 
 __all__ = ["STORN", "DecoderStatePrior", "RNN_TYPES", "EMISSIONS", "ENCODERS", "PRIORS",
            "within_length", "reverse_within_length"]
@@ -227,8 +227,7 @@ class STORN(nn.Module):
             raise ValueError(f"unknown encoder {encoder!r}; valid choices: {', '.join(ENCODERS)}")
         if prior not in PRIORS:
             raise ValueError(f"unknown prior {prior!r}; valid choices: {', '.join(PRIORS)}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        dropout = check_probability("dropout", dropout)
         flow = None if flow in (None, "none") else flow
         if flow is not None and flow_length == 0:
             raise ValueError(f"flow {flow!r} needs flow_length >= 1")
@@ -236,7 +235,7 @@ class STORN(nn.Module):
         self.flow_name, self.flow_length = flow, flow_length if flow is not None else 0
         self.emission_type, self.encoder_type, self.rnn_type = emission, encoder, rnn
         self.emission_hidden = emission_hidden
-        self.prior_type, self.dropout = prior, float(dropout)
+        self.prior_type, self.dropout = prior, dropout
         self.kl_weight = float(kl_weight)
         self._condition_flow, self._flow_kwargs = condition_flow, dict(flow_kwargs or {})
 
@@ -548,14 +547,11 @@ class STORN(nn.Module):
         prefix_std = (prefix - self.data_loc) / self.data_scale
         x_prev = F.pad(prefix_std, (0, 0, 1, 0))
         z = torch.randn(batch, n_steps, self.latent_dim, device=prefix.device, dtype=prefix.dtype)
-        if self.prior_head is None:
-            _, hidden = self.decoder_rnn(torch.cat([x_prev[:, :n_prefix], z[:, :n_prefix]], -1))
-        else:  # each latent's prior is set by the decoder state before it: step by step
-            hidden, state = None, z.new_zeros(batch, 1, self.hidden_dim)
-            for t in range(n_prefix):
-                z[:, t] = self._prior_draw(state[:, 0], z[:, t])
-                state, hidden = self.decoder_rnn(
-                    torch.cat([x_prev[:, t], z[:, t]], dim=-1)[:, None], hidden)
+        if self.prior_head is not None:  # the prefix's latents from the learned prior
+            z[:, :n_prefix] = DecoderStatePrior(self, x_prev[:, :n_prefix], None,
+                                                torch.Size((batch,))).sample()
+        state, hidden = self.decoder_rnn(torch.cat([x_prev[:, :n_prefix], z[:, :n_prefix]], -1))
+        state = state[:, -1:]
         steps = [prefix]
         x_last = prefix_std[:, -1]
         for t in range(n_prefix, n_steps):
