@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pyro_storn.pendulum_grid import Grid, page_section, run_grid, write_page
 from pyro_storn.runs import FLOW_STARTS, TrainConfig
+from pyro_storn.storn import ENCODERS
 from pyro_storn.tables import command_line
 
 
@@ -56,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                    "(default: 20)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate "
                                                                "(default: 0.001)")
+    parser.add_argument("--encoder", choices=ENCODERS, default="forward",
+                        help="the guide's RNN: 'forward' is STORN's q(z_t | x_{1:t}); 'backward' "
+                        "(q(z_t | x_{t:T}), as in the DMM) and 'bidirectional' see the future "
+                        "(default: forward)")
     parser.add_argument("--kl-anneal-epochs", type=int, default=0,
                         help="linear KL warm-up over this many epochs; 0: none (default: 0)")
     parser.add_argument("--validation-fraction", type=float, default=0.0,
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = TrainConfig(latent_dim=args.latent_dim, hidden_dim=args.hidden_dim, epochs=args.epochs,
                        batch_size=args.batch_size, lr=args.lr, device=args.device,
-                       kl_anneal_epochs=args.kl_anneal_epochs,
+                       kl_anneal_epochs=args.kl_anneal_epochs, encoder=args.encoder,
                        validation_fraction=args.validation_fraction)
     grid = Grid(args.flows, args.lengths, args.seeds, base, n_sequences=args.n_sequences,
                 n_steps=args.n_steps, iwae_samples=args.iwae_samples,

@@ -3,6 +3,8 @@ one tiny run (the grid itself is tested in test_pendulum_grid.py)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from example_scripts import load_example as _load
 
@@ -17,7 +19,7 @@ def test_help_explains_every_option(capsys):
     assert stop.value.code == 0
     text = capsys.readouterr().out
     for option in ("--flows", "--lengths", "--seeds", "--epochs", "--n-sequences", "--hidden-dim",
-                   "--kl-anneal-epochs", "--iwae-samples", "--runs", "--out", "--section",
+                   "--kl-anneal-epochs", "--encoder", "--iwae-samples", "--runs", "--out", "--section",
                    "--quiet"):
         assert option in text
     assert "plain STORN" in text and "finished runs with the same settings are reused" in text
@@ -34,10 +36,27 @@ def test_a_tiny_run_writes_the_page_with_its_command_and_notes(tmp_path, capsys)
     assert f"wrote {out}" in capsys.readouterr().out
     text = out.read_text()
     assert "    python examples/storn_pendulum.py --flows none --seeds 0" in text
-    assert "batch 4, Adam 0.001, 1 epochs" in text
+    assert "(GRU), forward encoder, batch 4, Adam 0.001, 1 epochs" in text
     assert [line.split(" | ")[:3] for line in text.splitlines() if line.startswith("| STORN")] == \
         [["| STORN", "0", "1"], ["| STORN", "0", "0"]]
     assert text.endswith("## Discussion\n\nA note.\n\n<!-- pendulum_grid:runs end -->\n")
+
+
+def test_the_encoder_option_reaches_every_run_and_the_page(tmp_path):
+    out, runs = tmp_path / "pendulum.md", tmp_path / "runs"
+    argv = ["--flows", "none", "--seeds", "0", "--epochs", "1", "--n-sequences", "16",
+            "--n-steps", "6", "--hidden-dim", "6", "--batch-size", "4", "--iwae-samples", "2",
+            "--encoder", "bidirectional", "--runs", str(runs), "--out", str(out), "--quiet"]
+    assert load_example().main(argv) == 0
+    assert json.loads((runs / "none_K0_seed0" / "config.json").read_text())["config"]["encoder"] == \
+        "bidirectional"
+    assert "(GRU), bidirectional encoder, batch 4" in out.read_text()
+
+
+def test_an_unknown_encoder_is_refused_naming_it(capsys):
+    with pytest.raises(SystemExit) as stop:
+        load_example().parse_args(["--encoder", "sideways"])
+    assert stop.value.code == 2 and "'sideways'" in capsys.readouterr().err
 
 
 def test_a_page_with_a_broken_section_is_refused_before_the_grid_runs(tmp_path, capsys):
