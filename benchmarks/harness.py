@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import torch
 
+from pyro_storn.rundir import write_text_atomic
+
 __all__ = [
     "Timing", "time_interleaved", "paired_ratio", "paired_interval", "machine_info", "synchronize",
     "write_results",
@@ -189,8 +191,8 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
 def write_results(results: dict[str, Any], json_path: Path, markdown_path: Path, markdown: str) -> None:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     markdown_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2, default=_jsonable))
-    markdown_path.write_text(markdown)
+    write_text_atomic(json_path, json.dumps(results, indent=2, default=_jsonable))
+    write_text_atomic(markdown_path, markdown)
 
 
 def _jsonable(value: Any) -> Any:

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import transforms  # noqa: E402
+from pyro_storn.rundir import write_text_atomic  # noqa: E402
 
 
 def dense_jacobian(layer, x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     fig.tight_layout()
     args.out.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out / "conv_planar_jacobian.png", dpi=120)
-    (args.out / "conv_planar_jacobian.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(args.out / "conv_planar_jacobian.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
 

@@ -43,6 +43,7 @@ import transforms
 from pyro_storn import vae_table
 from pyro_storn.data import mnist
 from pyro_storn.interrupts import exit_code, signal_of
+from pyro_storn.rundir import write_text_atomic
 from pyro_storn.training import CHECKPOINT_NAME, NonFiniteLossError, read_metrics
 from pyro_storn.vae import ACTIVATIONS, VAE
 from pyro_storn.vae_fit import evaluate_bounds, fit_vae, load_best
@@ -277,7 +278,7 @@ def train_and_evaluate(
     )
     if not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
-        protocol_path.write_text(json.dumps(budget(data, args, PROTOCOL_OPTIONS)))
+        write_text_atomic(protocol_path, json.dumps(budget(data, args, PROTOCOL_OPTIONS)))
     started = time.perf_counter()
     try:
         fitted = fit_vae(vae, data, epochs=args.epochs, run_dir=run_dir,
@@ -367,13 +368,13 @@ def write_outputs(results: list[dict[str, Any]], planned: list[str], skipped: li
                   data: mnist.MNISTData, args: argparse.Namespace, seconds: float,
                   command: str) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(vae_table.write_table(
+    write_text_atomic(args.out, vae_table.write_table(
         results, title=args.title, skipped=skipped, planned=planned, seed=args.seed,
         preamble=preamble(data, args, results, seconds, command),
         layers=layer_notes(results, args), figure_name=args.figure.name))
     baseline = next((r for r in results if r["flow"] == "none" and "test" in r), None)
     records = [vae_table.record(r, baseline) for r in results]
-    args.out.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
+    write_text_atomic(args.out.with_suffix(".json"), json.dumps(records, indent=1) + "\n")
     vae_table.plot_terms(results, args.figure)
 
 
@@ -416,7 +417,7 @@ def _train_all(runs, data, args, skipped, started, command, invocation) -> None:
             if not result.get("resumed"):  # its times were all taken under this run's load
                 result["invocation"] = invocation
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "results.json").write_text(json.dumps(_jsonable(result)))
+            write_text_atomic(run_dir / "results.json", json.dumps(_jsonable(result)))
         else:
             print(f"== {spec} K={length}: reusing {run_dir}", file=sys.stderr)
         results.append(result)

@@ -28,6 +28,7 @@ import transforms
 
 from .diagnostics import KHAT_THRESHOLD, ImportanceSummary, draw_importance_samples
 from .diagnostics import draws_to_inference_data, summarize_importance
+from .rundir import write_text_atomic
 from .tables import Stopwatch, markdown_table
 from .target_fit import CLIP_NORM, fit_guide
 from .targets import Target
@@ -244,5 +245,4 @@ def write_page(path: str | os.PathLike, results: Sequence[GuideResult], figures:
     for figure in figures:
         lines.append(f"![{figure.stem}]({os.path.relpath(figure, path.parent)})")
         lines.append("")
-    path.write_text("\n".join(lines))
-    return path
+    return write_text_atomic(path, "\n".join(lines))

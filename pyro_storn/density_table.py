@@ -19,6 +19,7 @@ import torch
 
 from .data import toy2d
 from .density import FitResult
+from .rundir import write_text_atomic
 from .tables import markdown_table
 
 __all__ = ["COMPARISON_GAP", "Protocol", "SideBySide", "results_table", "write_page"]
@@ -168,5 +169,4 @@ def write_page(out: str | os.PathLike, rows: Sequence[tuple[str, str, FitResult 
     ]
     if side is not None and side.results:
         lines += _comparison(side)
-    out.write_text("\n".join(lines) + "\n")
-    return out
+    return write_text_atomic(out, "\n".join(lines) + "\n")

@@ -166,7 +166,7 @@ def run_cell(data: SequenceData, data_path: Path, run_dir: Path, config: TrainCo
         timing = {"wall_s": clock.wall_s, "cpu_s": clock.cpu_s,
                   # how busy the machine was: the 1-minute load average when the run ended
                   "load_average": os.getloadavg()[0]}
-        timing_path.write_text(json.dumps(timing))
+        write_text_atomic(timing_path, json.dumps(timing))
     summary = run_summary(run_dir)
     summary.update(json.loads(timing_path.read_text()))
     # above the threshold the importance weights are too heavy-tailed for the IWAE bound to be

@@ -34,15 +34,15 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]],
     return "\n".join(lines)
 
 
-def mean_sd(values: Iterable[float | None]) -> str:
-    """``"mean ± sd"`` (sample sd) of the values that are not None, to two decimals; one value
-    alone, and :data:`MISSING` for none."""
+def mean_sd(values: Iterable[float | None], digits: int = 2) -> str:
+    """``"mean ± sd"`` (sample sd) of the values that are not None, to ``digits`` decimals; one
+    value alone, and :data:`MISSING` for none."""
     present = [value for value in values if value is not None]
     if not present:
         return MISSING
     if len(present) == 1:
-        return f"{present[0]:.2f}"
-    return f"{np.mean(present):.2f} ± {np.std(present, ddof=1):.2f}"
+        return f"{present[0]:.{digits}f}"
+    return f"{np.mean(present):.{digits}f} ± {np.std(present, ddof=1):.{digits}f}"
 
 
 def paired_over_seeds(runs: Sequence[Mapping[str, Any]], baseline: Mapping[int, Mapping[str, Any]],

@@ -58,8 +58,24 @@ def test_page_rows_pair_flow_with_plain(runs, tmp_path):
     assert "examples/jsb_chorales.sh" in page and "planar K=1" in page and "6.926" in page
     records = json.loads(out.with_suffix(".json").read_text())
     assert [record["guide"] for record in records] == ["plain", "planar K=1"]
+    assert [record["encoder"] for record in records] == ["backward", "backward"]
     assert "neg_iwae_per_sequence" not in records[0]
     assert (tmp_path / "page_curves.png").stat().st_size > 0
+    clear = flow["delta_neg_iwae_per_frame"] < -2 * flow["delta_neg_iwae_per_frame_se"]
+    better = flow["delta_neg_iwae_per_frame"] < 0
+    assert (f"better on {int(better)}/1, by more than two standard errors on {int(clear)}/1."
+            in page)
+    summary = next(line for line in page.splitlines() if line.startswith("| backward encoder")
+                   and "| planar K=1 | 1 |" in line)
+    assert f"{flow['test_neg_iwae_per_frame']:.3f}" in summary
+
+
+def test_mean_sd_keeps_the_digits_asked_for():
+    from pyro_storn.tables import mean_sd
+
+    assert mean_sd([0.0311, 0.0882]) == "0.06 ± 0.04"
+    assert mean_sd([0.0311, 0.0882], 3) == "0.060 ± 0.040"
+    assert mean_sd([None, 6.5], 3) == "6.500"
 
 
 def test_unevaluated_run_is_named(runs, tmp_path):
