@@ -45,7 +45,7 @@ PUBLISHED = [
     ("RNN-NADE", 5.19, "exact", "Boulanger-Lewandowski et al. 2012"),
     ("SRNN", 4.74, "bound", "Fraccaro et al. 2016"),
 ]
-# Issue #18's targets: the best flow guide ahead of Pyro's DMM with 2 IAF (-ELBO) and of the DMM's
+# The page's targets: the best flow guide ahead of Pyro's DMM with 2 IAF (-ELBO) and of the DMM's
 # importance-sampled figure (-IWAE); Pyro's DMM without IAF reached within an hour of training.
 TARGET_NEG_ELBO = 6.80
 TARGET_NEG_IWAE = 6.39

@@ -40,7 +40,7 @@ import transforms
 from flow_helpers import move_parameters as _move_parameters
 
 CONTEXT_DIM = 3
-SEQ_LEN = 25  # T of an event-dim-2 flow's (T, Z) event in the Jacobian checks (the T = 25)
+SEQ_LEN = 25  # T of an event-dim-2 flow's (T, Z) event in the Jacobian checks (T = 25, as in docs/conv_planar's Jacobian figure)
 DIMS = (1, 2, 5)
 LOGDET_TOL = 1e-6
 ROUNDTRIP_TOL = {torch.float64: 1e-8, torch.float32: 1e-4}

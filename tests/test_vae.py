@@ -24,7 +24,7 @@ from pyro_storn.training import read_metrics
 from pyro_storn.vae_fit import evaluate_bounds, fit_vae, flow_metrics, kl_warmup_weight
 
 
-# The flows the study and the issue name, plus the plain VAE; a family not registered in this
+# The flows the study and the MNIST pages name, plus the plain VAE; a family not registered in this
 # install is reported as skipped, never silently passed.
 FLOWS = [None, "planar", "radial", "householder", "sylvester", "iaf"]
 
