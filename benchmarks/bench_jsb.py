@@ -207,7 +207,7 @@ def _markdown(results: dict[str, Any], smoke: bool) -> str:
         "timed back to back, with its 95% bootstrap interval). The machine is shared: absolute "
         "seconds are inflated by other load, the interleaved ratio is what to quote. "
         f"DMM x {pyro_dmm.NUM_EPOCHS}: its median times the example's default "
-        f"`--num-epochs {pyro_dmm.NUM_EPOCHS}` (the issue quotes about "
+        f"`--num-epochs {pyro_dmm.NUM_EPOCHS}` (an earlier measurement on a 2-core machine: about "
         f"{ISSUE_DMM_SECONDS_PER_EPOCH:.0f} s per epoch on 2 cores).",
         "",
         "| ours | s/epoch (min-max) | DMM | s/epoch (min-max) | DMM / ours | paired (95% interval) "

@@ -1,5 +1,5 @@
-"""Pyro 1.9's own layer of each flow family registered for issue #19, built on one of our layers'
-parameters, for the throughput rows of :mod:`benchmarks.bench_transforms`.
+"""Pyro 1.9's own layer of the spline, matrix exponential, NAF, BNAF and polynomial families,
+built on one of our layers' parameters, for the throughput rows of :mod:`benchmarks.bench_transforms`.
 
 Each twin is Pyro's class with the same sizes, on our layer's parameters (copied, or its very
 network), so that where the math is the same the two stacks compute the same map and the ratio

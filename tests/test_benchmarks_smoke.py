@@ -22,7 +22,7 @@ def test_every_suite_runs_once_and_writes_json(tmp_path):
     # every row carries its A/A control: Pyro's stack against a second copy of it
     assert all(row["control_ratio"] > 0 for row in transforms_rows)
     assert results["suites"]["transforms"]["results"]["families"]
-    assert "### The #19 families against Pyro's layers" in markdown
+    assert "### The spline, matrix exponential, NAF, BNAF and polynomial families against Pyro's layers" in markdown
     # the JSB rows (none when the data file is missing: the section says it skipped)
     jsb = results["suites"]["jsb"]["results"]
     assert ("skipped" in jsb) != bool(jsb.get("rows"))
