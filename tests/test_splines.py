@@ -5,12 +5,14 @@ where Pyro's series is accurate)."""
 
 from __future__ import annotations
 
+import math
+
 import pyro.distributions.transforms as pyro_transforms
 import pytest
 import torch
 
 import transforms
-from transforms.matrix_exponential import MatrixExponential
+from transforms.matrix_exponential import NORM_BOUND, MatrixExponential, bound_norm, expm_apply, series_terms
 from transforms.spline import IDENTITY_DERIVATIVE, MIN_DERIVATIVE, _knots, rational_quadratic_spline
 
 BOUND = 3.0
@@ -109,3 +111,49 @@ def test_matrix_exponential_unbounded_agrees_with_pyros_where_its_series_converg
         ours.weights.copy_(pyros.weights)
     x = torch.randn(4, 3, dtype=torch.float64)
     torch.testing.assert_close(ours(x), pyros(x), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_per_sample_series_is_the_matrix_exponential_to_rounding(dtype):
+    torch.manual_seed(5)
+    # Frobenius norms from near 0 to just under the bound, where the series is longest
+    raw = torch.randn(64, 6, 6, dtype=torch.float64) * torch.logspace(-3, 2, 64, dtype=torch.float64)[:, None, None]
+    matrix = bound_norm(raw, NORM_BOUND)
+    assert torch.linalg.matrix_norm(matrix).max().item() > 0.99 * NORM_BOUND
+    v = torch.randn(64, 6, dtype=torch.float64)
+    exact = (torch.linalg.matrix_exp(matrix) @ v.unsqueeze(-1)).squeeze(-1)
+    series = expm_apply(matrix.to(dtype), v.to(dtype), NORM_BOUND).double()
+    relative = torch.linalg.vector_norm(series - exact, dim=-1) / torch.linalg.vector_norm(exact, dim=-1)
+    assert relative.max().item() < 16 * torch.finfo(dtype).eps
+
+
+def test_the_traced_series_takes_the_a_priori_terms_and_agrees():
+    torch.manual_seed(6)
+    matrix = bound_norm(torch.randn(8, 4, 4, dtype=torch.float64) * 5.0, NORM_BOUND)
+    v = torch.randn(8, 4, dtype=torch.float64)
+    traced = torch.jit.trace(lambda m, x: expm_apply(m, x, NORM_BOUND), (matrix, v), check_trace=False)
+    exact = (torch.linalg.matrix_exp(matrix) @ v.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(traced(matrix, v), exact, atol=1e-13, rtol=1e-13)
+    assert (series_terms(3.0, torch.float32), series_terms(3.0, torch.float64)) == (19, 29)
+    # the a-priori remainder bound at b = 3 (float64) holds for the worst norm
+    k = series_terms(3.0, torch.float64)
+    assert 2 * 3.0 ** (k + 1) / math.factorial(k + 1) <= 0.5 * torch.finfo(torch.float64).eps * math.exp(-3.0)
+
+
+def test_the_conditional_layer_round_trips_and_its_log_det_is_autograds_after_moving():
+    torch.manual_seed(7)
+    layer = transforms.build("matrix_exponential", 3, context_dim=4).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p))  # far from initialisation: the bound binds for most contexts
+    context = torch.randn(10, 4, dtype=torch.float64)
+    t = layer.condition(context)
+    assert (torch.linalg.matrix_norm(t.matrix()) > 2.0).any()
+    x = torch.randn(10, 3, dtype=torch.float64)
+    y = t(x)
+    torch.testing.assert_close(t.inv(y.clone()), x, atol=1e-12, rtol=1e-12)
+    # the Jacobian of the batched series map itself: its diagonal blocks, one per sample
+    jac = torch.autograd.functional.jacobian(lambda v: layer.condition(context)(v), x)
+    blocks = torch.stack([jac[i, :, i, :] for i in range(10)])
+    torch.testing.assert_close(torch.linalg.slogdet(blocks)[1], t.log_abs_det_jacobian(x, y))
+    torch.testing.assert_close(blocks, torch.linalg.matrix_exp(t.matrix()))
