@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the guide's RNN: 'forward' is STORN's q(z_t | x_{1:t}); 'backward' "
                         "(q(z_t | x_{t:T}), as in the DMM) and 'bidirectional' see the future "
                         "(default: forward)")
+    parser.add_argument("--clip-norm", type=float, default=10.0,
+                        help="the gradient of all parameters together is rescaled to at most this "
+                        "norm (default: 10, as pyro-storn train)")
     parser.add_argument("--kl-anneal-epochs", type=int, default=0,
                         help="linear KL warm-up over this many epochs; 0: none (default: 0)")
     parser.add_argument("--validation-fraction", type=float, default=0.0,
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     base = TrainConfig(latent_dim=args.latent_dim, hidden_dim=args.hidden_dim, epochs=args.epochs,
                        batch_size=args.batch_size, lr=args.lr, device=args.device,
                        kl_anneal_epochs=args.kl_anneal_epochs, encoder=args.encoder,
+                       clip_norm=args.clip_norm,
                        validation_fraction=args.validation_fraction)
     grid = Grid(args.flows, args.lengths, args.seeds, base, n_sequences=args.n_sequences,
                 n_steps=args.n_steps, iwae_samples=args.iwae_samples,

@@ -364,7 +364,8 @@ def write_page(grid: Grid, results: GridResults, runs: str | os.PathLike,
         f"Data: gymnasium `Pendulum-v1` under uniformly random torque, {grid.n_sequences} "
         f"sequences x {grid.n_steps} steps, features [cos θ, sin θ, θ̇, reward], 80/20 "
         f"train/test split (data seed {DATA_SEED}). Model: latent {base.latent_dim}, hidden "
-        f"{base.hidden_dim} (GRU), {base.encoder} encoder, batch {base.batch_size}, Adam {base.lr}, "
+        f"{base.hidden_dim} (GRU), {base.encoder} encoder, batch {base.batch_size}, Adam {base.lr} "
+        f"(gradient norm clipped to {base.clip_norm:g}), "
         f"{base.epochs} epochs, KL annealing over {base.kl_anneal_epochs} epochs; "
         f"{_selection(grid, results.n_validation)}. Seeds {', '.join(map(str, grid.seeds))}. "
         "Flows are conditioned on the encoder state when they can be.", "",

@@ -19,7 +19,7 @@ def test_help_explains_every_option(capsys):
     assert stop.value.code == 0
     text = capsys.readouterr().out
     for option in ("--flows", "--lengths", "--seeds", "--epochs", "--n-sequences", "--hidden-dim",
-                   "--kl-anneal-epochs", "--encoder", "--iwae-samples", "--runs", "--out", "--section",
+                   "--kl-anneal-epochs", "--encoder", "--clip-norm", "--iwae-samples", "--runs", "--out", "--section",
                    "--quiet"):
         assert option in text
     assert "plain STORN" in text and "finished runs with the same settings are reused" in text
@@ -36,7 +36,7 @@ def test_a_tiny_run_writes_the_page_with_its_command_and_notes(tmp_path, capsys)
     assert f"wrote {out}" in capsys.readouterr().out
     text = out.read_text()
     assert "    python examples/storn_pendulum.py --flows none --seeds 0" in text
-    assert "(GRU), forward encoder, batch 4, Adam 0.001, 1 epochs" in text
+    assert "(GRU), forward encoder, batch 4, Adam 0.001 (gradient norm clipped to 10), 1 epochs" in text
     assert [line.split(" | ")[:3] for line in text.splitlines() if line.startswith("| STORN")] == \
         [["| STORN", "0", "1"], ["| STORN", "0", "0"]]
     assert text.endswith("## Discussion\n\nA note.\n\n<!-- pendulum_grid:runs end -->\n")
