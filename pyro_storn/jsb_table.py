@@ -119,6 +119,9 @@ def run_row(run_dir: str | Path) -> dict[str, Any]:
         "test_frames": int(sum(evaluation["n_steps"])),
         "khat_above_0.7": (psis["num_items_khat_above_0.7"] / psis["num_items"]
                            if psis.get("num_items") else None),
+        "khat_median": (float(np.median(psis["khat_per_item"])) if psis.get("khat_per_item")
+                        else None),
+        "khat_per_sequence": list(psis.get("khat_per_item", [])),
         "train_seconds": float(seconds[-1]) if len(seconds) else 0.0,
         "minutes_to_quality": None if reached is None else reached[1],
         "epoch_to_quality": None if reached is None else reached[0],
@@ -155,14 +158,16 @@ def _fmt(value: float | None, digits: int = 2, se: float | None = None) -> str:
 
 def _table(rows: Sequence[dict[str, Any]]) -> str:
     header = ["model", "guide", "seed", "epochs (best)", "valid -ELBO", "test -ELBO",
-              "test -IWAE (S)", "Δ -ELBO vs plain", "Δ -IWAE vs plain", "k̂ > 0.7",
+              "test -IWAE (S)", "Δ -ELBO vs plain", "Δ -IWAE vs plain", "k̂ > 0.7 (median)",
               "train min", "min to 6.87"]
     body = [[row["model"], row["guide"], row["seed"], f"{row['epochs']} ({row['best_epoch']})",
              _fmt(row["valid_neg_elbo_per_frame"], 3), _fmt(row["test_neg_elbo_per_frame"], 3),
              f"{_fmt(row['test_neg_iwae_per_frame'], 3)} ({row['iwae_samples']})",
              _fmt(row["delta_neg_elbo_per_frame"], 3, row["delta_neg_elbo_per_frame_se"]),
              _fmt(row["delta_neg_iwae_per_frame"], 3, row["delta_neg_iwae_per_frame_se"]),
-             MISSING if row["khat_above_0.7"] is None else f"{100 * row['khat_above_0.7']:.0f}%",
+             MISSING if row["khat_above_0.7"] is None else
+             f"{100 * row['khat_above_0.7']:.0f}%"
+             + ("" if row["khat_median"] is None else f" ({row['khat_median']:.1f})"),
              f"{row['train_seconds'] / 60:.1f}",
              MISSING if row["minutes_to_quality"] is None
              else f"{row['minutes_to_quality']:.1f} (epoch {row['epoch_to_quality']})"]
@@ -293,6 +298,30 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def plot_khat(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """Each run's PSIS k̂ per test sequence, one strip per run, with the 0.7 line above which the
+    importance weights (and the IWAE bound) are unreliable; None when no run has k̂."""
+    from .plots import plt  # with the Agg backend plots sets
+
+    shown = [row for row in rows if row["khat_per_sequence"]]
+    if not shown:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(shown) + 1.2))
+    jitter = np.random.default_rng(0)
+    for index, row in enumerate(shown):
+        khat = np.asarray(row["khat_per_sequence"], dtype=float)
+        ax.scatter(khat, index + jitter.uniform(-0.2, 0.2, khat.size), s=6, alpha=0.6,
+                   color=f"C{index % 10}")
+    ax.axvline(0.7, color="k", ls="--", lw=0.8)
+    ax.set_yticks(range(len(shown)),
+                  [f"{row['guide']}, seed {row['seed']}" for row in shown], fontsize=7)
+    ax.set_xlabel("PSIS k̂ per test sequence (dashed: 0.7)")
+    fig.tight_layout()
+    path = save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_page(run_dirs: Sequence[str | Path], out: str | Path, command: str = "",
                notes: str = "") -> list[dict[str, Any]]:
     """Write ``out`` (Markdown), the JSON of its rows beside it and its figure; returns the rows."""
@@ -343,11 +372,18 @@ def write_page(run_dirs: Sequence[str | Path], out: str | Path, command: str = "
     parts += ["## Curves", "", f"![curves]({figure.name})", "",
               "Dashed: 6.87 (Pyro's DMM, no IAF); dotted: 6.80 (the -ELBO target); grey: 60 "
               "minutes.", ""]
+    khat_figure = plot_khat(rows, out.with_name(out.stem + "_khat.png"))
+    if khat_figure is not None:
+        parts += ["## PSIS k̂ per test sequence", "", f"![k-hat]({khat_figure.name})", "",
+                  "Each point is one test chorale: the guide as an importance proposal for its "
+                  "posterior, from the evaluation's draws. Above 0.7 the weights are too "
+                  "heavy-tailed for the IWAE estimate to be trusted.", ""]
     parts += _piano_roll(rows, out)
     parts += _published(rows)
     write_text_atomic(out, "\n".join(parts))
     records = [{key: value for key, value in row.items()
-                if key not in ("neg_elbo_per_sequence", "neg_iwae_per_sequence", "history")}
+                if key not in ("neg_elbo_per_sequence", "neg_iwae_per_sequence", "history",
+                               "khat_per_sequence")}
                for row in rows]
     write_text_atomic(out.with_suffix(".json"), json.dumps(records, indent=2) + "\n")
     return rows

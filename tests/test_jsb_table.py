@@ -61,6 +61,10 @@ def test_page_rows_pair_flow_with_plain(runs, tmp_path):
     assert [record["encoder"] for record in records] == ["backward", "backward"]
     assert "neg_iwae_per_sequence" not in records[0]
     assert (tmp_path / "page_curves.png").stat().st_size > 0
+    assert (tmp_path / "page_khat.png").stat().st_size > 0 and "## PSIS k̂ per test sequence" in page
+    khat = json.loads((runs[1] / "evaluation.json").read_text())["psis"]["khat_per_item"]
+    assert records[1]["khat_median"] == pytest.approx(float(np.median(khat)))
+    assert "khat_per_sequence" not in records[1]
     clear = flow["delta_neg_iwae_per_frame"] < -2 * flow["delta_neg_iwae_per_frame_se"]
     better = flow["delta_neg_iwae_per_frame"] < 0
     assert (f"better on {int(better)}/1, by more than two standard errors on {int(clear)}/1."
