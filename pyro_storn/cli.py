@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     import transforms
 
+    from .iwae_objective import OBJECTIVES
     from .runs import FLOW_STARTS, GENERATED_NAME
     from .storn import EMISSIONS, ENCODERS, PRIORS
 
@@ -179,7 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float, default=1e-3)
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--num-particles", type=_positive_int, default=1)
+    p.add_argument("--num-particles", type=_positive_int, default=1, metavar="K",
+                   help="samples per sequence and step: of the ELBO's estimate, or the K of the "
+                   "IWAE bound with --objective iwae (default: 1)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="elbo",
+                   help="what training minimises: 'elbo' (Pyro's Trace_ELBO), or 'iwae', minus "
+                   "the importance-weighted bound of each sequence with K = --num-particles "
+                   "draws (Burda et al. 2016), the bound evaluate reports")
     p.add_argument("--clip-norm", type=_positive_float, default=10.0,
                    help="clip the gradient of all parameters together to this norm")
     p.add_argument("--emission", choices=EMISSIONS, default="normal",
@@ -372,7 +379,7 @@ def _train(args: argparse.Namespace) -> int:
         init_from=args.init_from, flow_start=args.flow_start, emission=args.emission,
         encoder=args.encoder, emission_hidden=args.emission_hidden, prior=args.prior,
         dropout=args.dropout, weight_decay=args.weight_decay, lr_decay=args.lr_decay,
-        adam_beta1=args.adam_beta1, metrics_every=args.metrics_every,
+        adam_beta1=args.adam_beta1, metrics_every=args.metrics_every, objective=args.objective,
     )
     _check_device(args.device)
     config.validate()

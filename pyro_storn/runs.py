@@ -36,6 +36,7 @@ from .diagnostics import write_diagnostics
 from .evaluation import bounds_summary, evaluate_bounds, sequence_metrics
 from .distributed import DistributedEnv, ExampleNoise, init_distributed, primary_failure_stops_all
 from .storn import ENCODERS, EMISSIONS, PRIORS, RNN_TYPES, STORN
+from .iwae_objective import OBJECTIVES, IWAEObjective
 from .training import BEST_NAME, CHECKPOINT_NAME, FitResult, Optimizer, elbo_module, fit
 from .validation import check_probability
 
@@ -113,6 +114,7 @@ class TrainConfig:
     lr_decay: float = 1.0
     adam_beta1: float = 0.9
     metrics_every: int = 1
+    objective: str = "elbo"
 
     def validate(self) -> "TrainConfig":
         """``ValueError`` naming the first bad value; the config itself otherwise."""
@@ -158,6 +160,9 @@ class TrainConfig:
             raise ValueError(f"lr_decay must lie in (0, 1], got {self.lr_decay!r}")
         if not (isinstance(self.adam_beta1, (int, float)) and 0 <= self.adam_beta1 < 1):
             raise ValueError(f"adam_beta1 must lie in [0, 1), got {self.adam_beta1!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; valid choices: "
+                             f"{', '.join(OBJECTIVES)}")
         if self.rnn not in RNN_TYPES:
             raise ValueError(f"unknown rnn {self.rnn!r}; valid choices: {', '.join(RNN_TYPES)}")
         if self.flow != "none":
@@ -198,6 +203,14 @@ def _optimizer(config: TrainConfig, steps_per_epoch: int) -> Optimizer:
     return Optimizer(lr=config.lr, betas=(config.adam_beta1, 0.999),
                      weight_decay=config.weight_decay, clip_norm=config.clip_norm,
                      lr_factor=None if decay == 1 else lambda step, _: decay ** (step / per_epoch))
+
+
+def _objective(config: TrainConfig, storn: STORN, noise: Any) -> torch.nn.Module:
+    """What :func:`fit` minimises: Pyro's ELBO as a module, or the per-sequence IWAE bound with
+    ``num_particles`` draws."""
+    if config.objective == "iwae":
+        return IWAEObjective(storn, config.num_particles)
+    return elbo_module(_make_loss(config), storn, noise=noise)
 
 
 def _make_loss(config: TrainConfig) -> pyro.infer.ELBO:
@@ -311,6 +324,9 @@ def train(
         config = TrainConfig.from_dict({**stored["config"], "epochs": config.epochs})
     config.validate()
     example_noise = distributed if example_noise is None else example_noise
+    if example_noise and config.objective == "iwae":
+        raise ValueError("objective 'iwae' draws its own samples per sequence and takes no "
+                         "per-example noise (--distributed): train it in one process")
     env = init_distributed(config.device) if distributed else DistributedEnv(
         device=torch.device(config.device))
     held = ExitStack()  # the run directory's lock, rank 0's while it trains
@@ -375,7 +391,7 @@ def train(
 
         noise = ExampleNoise("z", seed=config.seed) if example_noise else None
         return fit(
-            elbo_module(_make_loss(config), storn, noise=noise), storn, (x, mask),
+            _objective(config, storn, noise), storn, (x, mask),
             epochs=config.epochs, batch_size=config.batch_size, run_dir=run_dir,
             optimizer=_optimizer(config, math.ceil(len(x) / config.batch_size)),
             seed=config.seed,
