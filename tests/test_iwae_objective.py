@@ -10,7 +10,7 @@ import math
 import pyro
 import pytest
 import torch
-from storn_traces import per_sequence_log_weights
+from storn_traces import moved_storn, padded_bernoulli_batch, per_sequence_log_weights
 
 from pyro_storn import STORN
 from pyro_storn.evaluation import sample_terms
@@ -22,22 +22,14 @@ T = max(LENGTHS)
 
 
 def _storn(**kwargs) -> STORN:
-    pyro.set_rng_seed(0)
     options = dict(emission="bernoulli", encoder="backward", prior="learned", flow="iaf",
                    flow_length=2)
     options.update(kwargs)
-    storn = STORN(D, Z, H, **options).double()
-    with torch.no_grad():  # far from the initialisation, where the flow is near the identity
-        for parameter in storn.parameters():
-            parameter.add_(0.5 * torch.randn_like(parameter))
-    return storn
+    return moved_storn(STORN, (D, Z, H), **options)
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    x = torch.bernoulli(torch.full((len(LENGTHS), T, D), 0.4, dtype=torch.float64),
-                        generator=generator)
-    return x, torch.arange(T) < torch.tensor(LENGTHS)[:, None]
+    return padded_bernoulli_batch(LENGTHS, D)
 
 
 @pytest.mark.parametrize("flow", ["iaf", "conv_planar", None])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pyro_storn import STORN
-from storn_traces import per_sequence_log_weights
+from storn_traces import moved_storn, padded_bernoulli_batch, per_sequence_log_weights
 from pyro_storn.evaluation import sample_terms
 from pyro_storn.runs import TrainConfig, build_storn
 from pyro_storn.storn import DecoderStatePrior
@@ -23,22 +23,13 @@ TOL = 1e-9
 
 
 def _storn(**kwargs) -> STORN:
-    pyro.set_rng_seed(0)
     options = dict(emission="bernoulli", encoder="backward", emission_hidden=5, prior="learned")
     options.update(kwargs)
-    storn = STORN(D, Z, H, **options).double()
-    with torch.no_grad():  # far from the initialisation, where the prior is N(0, I)
-        for parameter in storn.parameters():
-            parameter.add_(0.5 * torch.randn_like(parameter))
-    return storn
+    return moved_storn(STORN, (D, Z, H), **options)
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    x = torch.bernoulli(torch.full((len(LENGTHS), T, D), 0.4, dtype=torch.float64),
-                        generator=generator)
-    mask = torch.arange(T) < torch.tensor(LENGTHS)[:, None]
-    return x, mask
+    return padded_bernoulli_batch(LENGTHS, D)
 
 
 def _step_by_step(storn: STORN, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
