@@ -6,7 +6,8 @@
 # Usage: examples/jsb_chorales.sh [DATA] [RUNS_DIR]; one process, one thread. Environment:
 # EPOCHS (700), SEEDS ("0"), GUIDES ("none:0 iaf:2"), EMISSION_HIDDEN (256; 0 is STORN's linear
 # emission), WEIGHT_DECAY (0.01), PRIOR (standard; learned is the VRNN's), DROPOUT (0),
-# PAGE (docs/storn_jsb_chorales.md; empty: no page).
+# PAGE (docs/storn_jsb_chorales.md; empty: no page), ARCHIVE (docs/storn_jsb_chorales_runs: each
+# run's config, evaluation and metrics, copied for git so the page outlives the run directories).
 set -euo pipefail
 DATA=${1:-../shared/data/jsb_chorales/jsb_chorales.pickle}
 RUNS=${2:-runs/jsb}
@@ -18,6 +19,7 @@ WEIGHT_DECAY=${WEIGHT_DECAY:-0.01}
 PRIOR=${PRIOR:-standard}
 DROPOUT=${DROPOUT:-0}
 PAGE=${PAGE-docs/storn_jsb_chorales.md}
+ARCHIVE=${ARCHIVE:-docs/storn_jsb_chorales_runs}
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1
 COMMON=(--data "$DATA" --emission bernoulli --encoder backward --emission-hidden "$EMISSION_HIDDEN"
@@ -38,6 +40,6 @@ for seed in $SEEDS; do
   done
 done
 if [[ -n "$PAGE" ]]; then
-  "$PY" -m pyro_storn.jsb_table "$RUNS"/*/ --out "$PAGE" \
+  "$PY" -m pyro_storn.jsb_table "$RUNS"/*/ --out "$PAGE" --archive "$ARCHIVE" \
     --command "EPOCHS=$EPOCHS SEEDS='$SEEDS' GUIDES='$GUIDES' EMISSION_HIDDEN=$EMISSION_HIDDEN WEIGHT_DECAY=$WEIGHT_DECAY PRIOR=$PRIOR DROPOUT=$DROPOUT examples/jsb_chorales.sh $DATA $RUNS"
 fi

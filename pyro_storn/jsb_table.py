@@ -8,6 +8,11 @@ best-validation checkpoint). Nats per frame: minus a bound summed over the test 
 divided by their frames (Pyro's DMM example and Krishnan et al. 2017 report this).
 
 ``python -m pyro_storn.jsb_table RUN_DIR ... --out docs/storn_jsb_chorales.md``
+
+Run directories hold gigabytes of checkpoints and do not survive a change of machine; with
+``--archive DIR`` the files a row is made of (config, evaluation, metrics, generated piano rolls)
+are copied to ``DIR/<run name>/``, small enough to commit, and the page can be written again from
+those copies alone.
 """
 
 from __future__ import annotations
@@ -24,14 +29,14 @@ from typing import Any
 import numpy as np
 
 from .bounds import paired_difference
-from .rundir import read_json, save_figure, write_text_atomic
-from .runs import EVALUATION_NAME, read_run_config
+from .rundir import CONFIG_NAME, atomic_write, read_json, save_figure, write_text_atomic
+from .runs import EVALUATION_NAME, GENERATED_NAME, read_run_config
 from .tables import MISSING, markdown_table, mean_sd
-from .training import read_metrics
+from .training import METRICS_NAME, read_metrics
 
 __all__ = ["PUBLISHED", "TARGET_NEG_ELBO", "TARGET_NEG_IWAE", "TIME_TO_QUALITY", "run_row",
            "train_command",
-           "pair_rows", "write_page", "main"]
+           "pair_rows", "archive_runs", "write_page", "main"]
 
 # Published test results on JSB Chorales, nats per frame: (model, value, kind, source).
 PUBLISHED = [
@@ -52,6 +57,8 @@ TARGET_NEG_IWAE = 6.39
 TIME_TO_QUALITY = 6.87
 TIME_BUDGET_MINUTES = 60.0
 CURVE_KEYS = ("validation/neg_elbo_per_step", "test/neg_elbo_per_step")
+# What a row and the piano roll are read from; checkpoints stay behind.
+ARCHIVED_FILES = (CONFIG_NAME, EVALUATION_NAME, METRICS_NAME, GENERATED_NAME)
 
 
 def _guide(config: dict[str, Any]) -> str:
@@ -84,7 +91,8 @@ TRAIN_FLAGS = (("flow", "--flow"), ("flow_length", "--flow-length"), ("seed", "-
 def train_command(run_dir: str | Path, config: dict[str, Any]) -> str:
     """The ``pyro-storn train`` line that reproduces a run from its recorded configuration."""
     flags = " ".join(f"{flag} {config[key]}" for key, flag in TRAIN_FLAGS if key in config)
-    return f"pyro-storn train --data DATA --out {run_dir} {flags}"
+    # the run's name, not its path: the same line whether read from the run or its archive
+    return f"pyro-storn train --data DATA --out {Path(run_dir).name} {flags}"
 
 
 def run_row(run_dir: str | Path) -> dict[str, Any]:
@@ -131,6 +139,32 @@ def run_row(run_dir: str | Path) -> dict[str, Any]:
                      **{key: row[key] for key in CURVE_KEYS if key in row}}
                     for i, row in enumerate(history) if CURVE_KEYS[0] in row],
     }
+
+
+def archive_runs(run_dirs: Sequence[str | Path], archive: str | Path) -> list[Path]:
+    """Copy each run's :data:`ARCHIVED_FILES` to ``archive/<run name>/`` (replacing an earlier
+    copy of that run) and return the copies' directories, in order. Two runs of one name, or a
+    run without ``evaluation.json``, are refused before anything is copied."""
+    run_dirs = [Path(run_dir) for run_dir in run_dirs]
+    names: dict[str, Path] = {}
+    for run_dir in run_dirs:
+        if not (run_dir / EVALUATION_NAME).exists():
+            raise ValueError(f"{run_dir / EVALUATION_NAME} does not exist: run `pyro-storn "
+                             f"evaluate {run_dir}` first")
+        if run_dir.name in names and names[run_dir.name].resolve() != run_dir.resolve():
+            raise ValueError(f"two runs named {run_dir.name!r} ({names[run_dir.name]} and "
+                             f"{run_dir}) cannot share the archive")
+        names[run_dir.name] = run_dir
+    copies = []
+    for run_dir in run_dirs:
+        copy = Path(archive) / run_dir.name
+        if copy.resolve() != run_dir.resolve():
+            for name in ARCHIVED_FILES:
+                if (run_dir / name).exists():
+                    data = (run_dir / name).read_bytes()
+                    atomic_write(copy / name, lambda handle, data=data: handle.write(data))
+        copies.append(copy)
+    return copies
 
 
 def pair_rows(rows: Sequence[dict[str, Any]]) -> None:
@@ -323,9 +357,13 @@ def plot_khat(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
 
 
 def write_page(run_dirs: Sequence[str | Path], out: str | Path, command: str = "",
-               notes: str = "") -> list[dict[str, Any]]:
-    """Write ``out`` (Markdown), the JSON of its rows beside it and its figure; returns the rows."""
+               notes: str = "", archive: str | Path | None = None) -> list[dict[str, Any]]:
+    """Write ``out`` (Markdown), the JSON of its rows beside it and its figure; returns the rows.
+    With ``archive``, the runs are first copied there (:func:`archive_runs`) and the page is made
+    from the copies."""
     out = Path(out)
+    if archive is not None:
+        run_dirs = archive_runs(run_dirs, archive)
     rows = [run_row(run_dir) for run_dir in run_dirs]
     if not rows:
         raise ValueError("no run directories given")
@@ -399,9 +437,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--command", default="", help="the command that made the runs, quoted "
                         "on the page")
     parser.add_argument("--notes", default="", help="one more line for the page's header")
+    parser.add_argument("--archive", default=None, metavar="DIR",
+                        help="first copy each run's config, evaluation, metrics and generated "
+                        "piano rolls (no checkpoints) to DIR/<run name>/, and make the page from "
+                        "those copies, so it can be written again on a machine without the runs")
     args = parser.parse_args(argv)
     try:
-        write_page(args.run_dirs, args.out, args.command, args.notes)
+        write_page(args.run_dirs, args.out, args.command, args.notes, args.archive)
     except (ValueError, OSError) as error:
         print(f"pyro_storn.jsb_table: error: {error}", file=sys.stderr)
         return 2

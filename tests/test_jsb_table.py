@@ -128,3 +128,32 @@ def test_page_shows_the_best_runs_piano_roll_once_generated(runs, tmp_path):
     jsb_table.write_page(runs, out)
     assert "## Piano rolls of the best run" in out.read_text()
     assert (tmp_path / "page_piano_roll.png").stat().st_size > 0
+
+
+def test_page_is_written_again_from_the_archive_alone(runs, tmp_path):
+    from pyro_storn.runs import generate_run
+
+    generate_run(runs[1], n_prefix=2, n_sequences=1, num_samples=2)
+    archive = tmp_path / "archive"
+    first = jsb_table.write_page(runs, tmp_path / "page.md", archive=archive)
+    assert sorted(path.name for path in archive.iterdir()) == sorted(run.name for run in runs)
+    copied = {path.name for path in (archive / runs[1].name).iterdir()}
+    assert copied == {"config.json", "evaluation.json", "metrics.jsonl", "generated.npz"}
+    assert not list(archive.glob("*/*.pt*"))  # no checkpoint
+    again = jsb_table.write_page(sorted(archive.iterdir()), tmp_path / "again.md")
+    for key in ("guide", "seed", "test_neg_iwae_per_frame", "delta_neg_iwae_per_frame",
+                "command", "history", "khat_per_sequence"):
+        assert [row[key] for row in first] == [row[key] for row in again]
+    assert "## Piano rolls of the best run" in (tmp_path / "again.md").read_text()
+    assert f"--out {runs[0].name} " in first[0]["command"]
+
+
+def test_archive_refuses_two_runs_of_one_name(runs, tmp_path):
+    other = tmp_path / "elsewhere" / runs[0].name
+    other.mkdir(parents=True)
+    for name in ("config.json", "metrics.jsonl", "evaluation.json"):
+        (other / name).write_bytes((runs[0] / name).read_bytes())
+    archive = tmp_path / "archive"
+    assert jsb_table.main([str(runs[0]), str(other), "--out", str(tmp_path / "page.md"),
+                           "--archive", str(archive)]) == 2
+    assert not archive.exists()
