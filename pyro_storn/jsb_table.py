@@ -72,9 +72,11 @@ def _model(config: dict[str, Any]) -> str:
     emission = f"MLP emission {width}" if width else "linear emission"
     prior = "learned prior, " if config.get("prior", "standard") == "learned" else ""
     dropout = f", dropout {config['dropout']}" if config.get("dropout") else ""
+    objective = (f", trained on IWAE K={config.get('num_particles', 1)}"
+                 if config.get("objective", "elbo") == "iwae" else "")
     return (f"{config.get('encoder', 'forward')} encoder, {prior}{emission}, latent "
             f"{config['latent_dim']}, GRU {config['hidden_dim']}, wd {config.get('weight_decay', 0)}"
-            f"{dropout}")
+            f"{dropout}{objective}")
 
 
 # config.json key -> ``pyro-storn train`` flag, for the command that reproduces a run.
@@ -85,7 +87,8 @@ TRAIN_FLAGS = (("flow", "--flow"), ("flow_length", "--flow-length"), ("seed", "-
                ("hidden_dim", "--hidden-dim"), ("batch_size", "--batch-size"), ("lr", "--lr"),
                ("lr_decay", "--lr-decay"), ("weight_decay", "--weight-decay"),
                ("adam_beta1", "--adam-beta1"), ("clip_norm", "--clip-norm"),
-               ("kl_anneal_epochs", "--kl-anneal-epochs"), ("epochs", "--epochs"))
+               ("kl_anneal_epochs", "--kl-anneal-epochs"), ("objective", "--objective"),
+               ("num_particles", "--num-particles"), ("epochs", "--epochs"))
 
 
 def train_command(run_dir: str | Path, config: dict[str, Any]) -> str:
@@ -118,6 +121,8 @@ def run_row(run_dir: str | Path) -> dict[str, Any]:
         "run": str(run_dir), "command": train_command(run_dir, config),
         "model": _model(config), "guide": _guide(config),
         "encoder": config.get("encoder", "forward"),
+        "objective": config.get("objective", "elbo"),
+        "num_particles": int(config.get("num_particles", 1)),
         "flow": config.get("flow", "none"), "K": int(config.get("flow_length", 0)),
         "seed": int(config["seed"]), "epochs": len(history), "best_epoch": best_epoch,
         "valid_neg_elbo_per_frame": best.get("validation/neg_elbo_per_step"),

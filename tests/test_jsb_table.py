@@ -157,3 +157,16 @@ def test_archive_refuses_two_runs_of_one_name(runs, tmp_path):
     assert jsb_table.main([str(runs[0]), str(other), "--out", str(tmp_path / "page.md"),
                            "--archive", str(archive)]) == 2
     assert not archive.exists()
+
+
+def test_iwae_trained_runs_pair_only_among_themselves():
+    config = {"encoder": "backward", "emission_hidden": 256, "prior": "learned", "latent_dim": 32,
+              "hidden_dim": 128, "weight_decay": 0.01}
+    elbo = jsb_table._model({**config, "objective": "elbo", "num_particles": 1})
+    iwae = jsb_table._model({**config, "objective": "iwae", "num_particles": 5})
+    assert elbo != iwae and iwae.endswith("trained on IWAE K=5") and "IWAE" not in elbo
+    command = jsb_table.train_command("run", {"objective": "iwae", "num_particles": 5, "seed": 0})
+    from pyro_storn.cli import build_parser
+
+    args = build_parser().parse_args(command.split()[1:])
+    assert (args.objective, args.num_particles) == ("iwae", 5)
