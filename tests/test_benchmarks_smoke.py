@@ -167,7 +167,10 @@ def test_the_family_rows_time_every_family_against_pyros_layer_computing_our_map
             tolerance = 1e-2 if row["family"].startswith("spline") else 1e-4
             assert agreement["max_abs_dy"] < tolerance and agreement["max_abs_dlogdet"] < tolerance
         else:
-            assert row["family"] == "naf"  # its slope bound has no setting that gives Pyro's map
+            # NAF's slope bound, and the conditional matrix exponential's norm bound and exact
+            # series, have no setting that gives Pyro's map
+            assert row["family"] == "naf" or (row["family"], row["conditional"]) == (
+                "matrix_exponential", True)
     markdown = "\n".join(_family_lines(rows, 3, 16, 1))
     assert markdown.count("| forward+backward |") == len(FAMILY_TWINS)
     assert "Too few repeats here" in markdown
