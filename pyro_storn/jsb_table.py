@@ -183,10 +183,39 @@ def pair_rows(rows: Sequence[dict[str, Any]]) -> None:
             row[key] = row[f"{key}_se"] = None
             if base is None or base is row:
                 continue
-            mean, se = paired_difference(row[f"neg_{bound}_per_sequence"],
-                                         base[f"neg_{bound}_per_sequence"])
-            sequences_per_frame = len(row[f"neg_{bound}_per_sequence"]) / row["test_frames"]
-            row[key], row[f"{key}_se"] = mean * sequences_per_frame, se * sequences_per_frame
+            row[key], row[f"{key}_se"] = _per_frame_difference(row, base, bound)
+
+
+def _per_frame_difference(row: dict[str, Any], base: dict[str, Any],
+                          bound: str) -> tuple[float, float]:
+    """Run ``row`` minus run ``base`` on the same test sequences, per frame, with its standard
+    error (negative: ``row`` is better)."""
+    mean, se = paired_difference(row[f"neg_{bound}_per_sequence"],
+                                 base[f"neg_{bound}_per_sequence"])
+    sequences_per_frame = len(row[f"neg_{bound}_per_sequence"]) / row["test_frames"]
+    return mean * sequences_per_frame, se * sequences_per_frame
+
+
+def _objective_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Each IWAE-trained run against the ELBO-trained run of the same model, guide and seed."""
+    lines = []
+    for row in rows:
+        if row.get("objective", "elbo") != "iwae":
+            continue
+        suffix = f", trained on IWAE K={row['num_particles']}"
+        base = next((other for other in rows if other.get("objective", "elbo") == "elbo"
+                     and other["model"] == row["model"].removesuffix(suffix)
+                     and (other["guide"], other["seed"]) == (row["guide"], row["seed"])), None)
+        if base is None:
+            lines.append(f"- {row['guide']}{suffix} (seed {row['seed']}): no ELBO-trained run of "
+                         "the same model, guide and seed to pair.")
+            continue
+        (iwae, iwae_se), (elbo, elbo_se) = (_per_frame_difference(row, base, bound)
+                                            for bound in ("iwae", "elbo"))
+        lines.append(f"- {row['guide']}{suffix}, against the same guide trained on the ELBO "
+                     f"({base['model']}, seed {row['seed']}): Δ test -IWAE per frame "
+                     f"{iwae:.3f} ± {iwae_se:.3f}, Δ test -ELBO {elbo:.3f} ± {elbo_se:.3f}.")
+    return lines
 
 
 def _fmt(value: float | None, digits: int = 2, se: float | None = None) -> str:
@@ -259,7 +288,7 @@ def _verdicts(rows: Sequence[dict[str, Any]]) -> list[str]:
                      f"{mean_sd([row['delta_neg_iwae_per_frame'] for row in paired], 3)} over "
                      f"{len(paired)} seed(s), better on {wins}/{len(paired)}, by more than two "
                      f"standard errors on {clear}/{len(paired)}.")
-    return lines + [""]
+    return lines + _objective_lines(rows) + [""]
 
 
 def _summary(rows: Sequence[dict[str, Any]]) -> str:

@@ -170,3 +170,25 @@ def test_iwae_trained_runs_pair_only_among_themselves():
 
     args = build_parser().parse_args(command.split()[1:])
     assert (args.objective, args.num_particles) == ("iwae", 5)
+
+
+def test_an_iwae_trained_run_is_paired_with_its_elbo_trained_twin(runs, tmp_path):
+    data_path = _chorales(tmp_path / "tiny.pickle")
+    data = load_polyphonic(data_path).sequence_data()
+    config = TrainConfig(flow="planar", flow_length=1, latent_dim=2, hidden_dim=8, epochs=2,
+                         batch_size=4, emission="bernoulli", encoder="backward",
+                         objective="iwae", num_particles=2)
+    iwae_dir = tmp_path / "planar_K1_iwae2"
+    train(data, iwae_dir, config, data_path=data_path, progress=False)
+    evaluate_run(iwae_dir, num_samples=3, psis_samples=3)
+    rows = jsb_table.write_page([*runs, iwae_dir], tmp_path / "page.md")
+    iwae_row = next(row for row in rows if row["objective"] == "iwae")
+    elbo_row = next(row for row in rows if row["guide"] == "planar K=1" and row is not iwae_row)
+    assert iwae_row["delta_neg_iwae_per_frame"] is None  # no IWAE-trained plain guide
+    frames = iwae_row["test_frames"]
+    expected = (np.sum(iwae_row["neg_iwae_per_sequence"])
+                - np.sum(elbo_row["neg_iwae_per_sequence"])) / frames
+    page = (tmp_path / "page.md").read_text()
+    line = next(line for line in page.splitlines()
+                if line.startswith("- planar K=1, trained on IWAE K=2, against"))
+    assert f"Δ test -IWAE per frame {expected:.3f} ± " in line
