@@ -334,7 +334,7 @@ def _piano_roll(rows: Sequence[dict[str, Any]], out: Path) -> list[str]:
             f"The first test chorale, the model's per-note probabilities on it (z from the guide), "
             f"and {generation['generated'].shape[0]} continuations after its first "
             f"{int(generation['n_prefix'])} frame(s) with z from the prior (`pyro-storn generate "
-            f"{best['run']}`).", "", f"![piano roll]({figure.name})", ""]
+            f"RUN` on the run {Path(best['run']).name}).", "", f"![piano roll]({figure.name})", ""]
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -366,6 +366,11 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def _objective_label(row: dict[str, Any]) -> str:
+    """What tells an IWAE-trained run's strip from the ELBO-trained run of the same guide."""
+    return f", IWAE K={row['num_particles']}" if row.get("objective", "elbo") == "iwae" else ""
+
+
 def plot_khat(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     """Each run's PSIS k̂ per test sequence, one strip per run, with the 0.7 line above which the
     importance weights (and the IWAE bound) are unreliable; None when no run has k̂."""
@@ -382,7 +387,8 @@ def plot_khat(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
                    color=f"C{index % 10}")
     ax.axvline(0.7, color="k", ls="--", lw=0.8)
     ax.set_yticks(range(len(shown)),
-                  [f"{row['guide']}, seed {row['seed']}" for row in shown], fontsize=7)
+                  [f"{row['guide']}, seed {row['seed']}{_objective_label(row)}" for row in shown],
+                  fontsize=7)
     ax.set_xlabel("PSIS k̂ per test sequence (dashed: 0.7)")
     fig.tight_layout()
     path = save_figure(fig, path, dpi=110)
