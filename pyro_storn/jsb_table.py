@@ -66,14 +66,18 @@ def _guide(config: dict[str, Any]) -> str:
     return "plain" if flow in (None, "none") or length == 0 else f"{flow} K={length}"
 
 
+def _objective_suffix(objective: str, num_particles: int) -> str:
+    """What sets an IWAE-trained run apart from the ELBO-trained run of the same model."""
+    return f", trained on IWAE K={num_particles}" if objective == "iwae" else ""
+
+
 def _model(config: dict[str, Any]) -> str:
     """What the generative model and encoder are: runs pair only within one."""
     width = int(config.get("emission_hidden", 0))
     emission = f"MLP emission {width}" if width else "linear emission"
     prior = "learned prior, " if config.get("prior", "standard") == "learned" else ""
     dropout = f", dropout {config['dropout']}" if config.get("dropout") else ""
-    objective = (f", trained on IWAE K={config.get('num_particles', 1)}"
-                 if config.get("objective", "elbo") == "iwae" else "")
+    objective = _objective_suffix(config.get("objective", "elbo"), config.get("num_particles", 1))
     return (f"{config.get('encoder', 'forward')} encoder, {prior}{emission}, latent "
             f"{config['latent_dim']}, GRU {config['hidden_dim']}, wd {config.get('weight_decay', 0)}"
             f"{dropout}{objective}")
@@ -202,7 +206,7 @@ def _objective_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     for row in rows:
         if row.get("objective", "elbo") != "iwae":
             continue
-        suffix = f", trained on IWAE K={row['num_particles']}"
+        suffix = _objective_suffix(row["objective"], row["num_particles"])
         base = next((other for other in rows if other.get("objective", "elbo") == "elbo"
                      and other["model"] == row["model"].removesuffix(suffix)
                      and (other["guide"], other["seed"]) == (row["guide"], row["seed"])), None)
@@ -366,11 +370,6 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def _objective_label(row: dict[str, Any]) -> str:
-    """What tells an IWAE-trained run's strip from the ELBO-trained run of the same guide."""
-    return f", IWAE K={row['num_particles']}" if row.get("objective", "elbo") == "iwae" else ""
-
-
 def plot_khat(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     """Each run's PSIS k̂ per test sequence, one strip per run, with the 0.7 line above which the
     importance weights (and the IWAE bound) are unreliable; None when no run has k̂."""
@@ -387,7 +386,8 @@ def plot_khat(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
                    color=f"C{index % 10}")
     ax.axvline(0.7, color="k", ls="--", lw=0.8)
     ax.set_yticks(range(len(shown)),
-                  [f"{row['guide']}, seed {row['seed']}{_objective_label(row)}" for row in shown],
+                  [f"{row['guide']}, seed {row['seed']}"
+                   f"{_objective_suffix(row['objective'], row['num_particles'])}" for row in shown],
                   fontsize=7)
     ax.set_xlabel("PSIS k̂ per test sequence (dashed: 0.7)")
     fig.tight_layout()
