@@ -9,7 +9,7 @@ divided by their frames (Pyro's DMM example and Krishnan et al. 2017 report this
 
 ``python -m pyro_storn.jsb_table RUN_DIR ... --out docs/storn_jsb_chorales.md``
 
-Run directories hold gigabytes of checkpoints and do not survive a change of machine; with
+Run directories hold their checkpoints (tens of megabytes each) and do not survive a change of machine; with
 ``--archive DIR`` the files a row is made of (config, evaluation, metrics, generated piano rolls)
 are copied to ``DIR/<run name>/``, small enough to commit, and the page can be written again from
 those copies alone.
@@ -345,7 +345,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Validation and test -ELBO per frame against training minutes, one colour per run."""
     from .plots import plt  # with the Agg backend plots sets
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharey=True)
     for index, row in enumerate(rows):
         color = f"C{index % 10}"
         minutes = [h["minutes"] for h in row["history"]]
@@ -363,8 +363,9 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         if values:
             ax.set_ylim(min(min(values), TARGET_NEG_ELBO) - 0.1, min(max(values), 10.0))
     axes[0].set_ylabel("nats per frame (single sample)")
-    axes[1].legend(fontsize=6, loc="upper right")
-    fig.tight_layout()
+    # Below the panels: inside, ten runs' labels covered the test curves.
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7)
+    fig.tight_layout(rect=(0, 0.03 + 0.035 * math.ceil(len(rows) / 3), 1, 1))
     path = save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path

@@ -29,7 +29,6 @@ import errno
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -376,16 +375,24 @@ def atomic_write_path(path: str | os.PathLike, write: Callable[[Path], None], *,
         raise ValueError(f"{str(path)!r} is a directory, not a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = f".tmp{path.suffix}" if suffix is None else suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    # Not tempfile.mkstemp: its name is known only once the file exists, and a Ctrl-C in between
+    # would leave a temporary that nothing removes. Here the name is ours before the file is.
+    tmp: str | None = None
     try:
+        while tmp is None:
+            tmp = str(path.parent / f".{path.name}.{os.urandom(6).hex()}{suffix}")
+            try:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:  # another writer's (48 random bits): not ours to remove
+                tmp = None
         write(Path(tmp))
         _fsync(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
     return path
 

@@ -281,7 +281,7 @@ def test_bad_arguments_name_the_value(kwargs, word):
 
 @pytest.mark.parametrize("dim", [2, 5])
 def test_default_tolerance_round_trips_float32_to_1e_4(dim):
-    """Issue 19: at the old default (1e-5) float32 round trips were off by 2e-4..2.5e-3."""
+    """At 1e-5 (the earlier default) float32 round trips were off by 2e-4..2.5e-3."""
     torch.manual_seed(dim)
     layer = transforms.build("cnf", dim)
     assert layer.rtol == layer.atol == transforms.cnf.DEFAULT_TOLERANCE

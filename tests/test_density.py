@@ -311,7 +311,7 @@ def test_deep_planar_stack_starts_near_the_standard_normal_fit_only_with_init_sc
 
 @pytest.mark.slow
 def test_cnf_comes_within_005_nats_of_realnvp_on_two_moons():
-    """The issue's goal, at a reduced scale of time: the CNF, with the same wall-clock budget as
+    """At a reduced scale of time: the CNF, with the same wall-clock budget as
     RealNVP, ends within 0.05 nats of RealNVP's test NLL on two moons (noise 0.05)."""
     if "realnvp" not in transforms.available():
         pytest.skip("realnvp is not registered")

@@ -192,3 +192,19 @@ def test_an_iwae_trained_run_is_paired_with_its_elbo_trained_twin(runs, tmp_path
     line = next(line for line in page.splitlines()
                 if line.startswith("- planar K=1, trained on IWAE K=2, against"))
     assert f"Δ test -IWAE per frame {expected:.3f} ± " in line
+
+
+def test_the_committed_archive_keeps_every_archived_file():
+    """The docs archive is what rewrites the page on another machine: git must not ignore any
+    of its files (a blanket ``*.npz`` rule once dropped the piano rolls' generated.npz)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = [f"docs/storn_jsb_chorales_runs/any_run/{name}" for name in jsb_table.ARCHIVED_FILES]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=root,
+                             capture_output=True, text=True).stdout.split()
+    assert ignored == []

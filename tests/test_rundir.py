@@ -112,3 +112,26 @@ def test_a_writer_that_needs_a_name_and_fails_part_way_leaves_the_old_file(tmp_p
     with pytest.raises(OSError, match="No space left"):
         atomic_write_path(path, write)
     assert path.read_bytes() == b"old" and list(tmp_path.iterdir()) == [path]
+
+
+def test_a_ctrl_c_as_the_temporary_is_created_leaves_no_temporary(tmp_path, monkeypatch):
+    """The signal lands on the first instruction after the temporary file exists: the one
+    moment when only its creator knows its name."""
+    import os
+
+    path = tmp_path / "config.json"
+    path.write_bytes(b"old")
+    real_close = os.close
+    landed = []
+
+    def close_then_interrupt(fd: int) -> None:
+        real_close(fd)
+        if not landed:
+            landed.append(fd)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "close", close_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomic(path, "new")
+    monkeypatch.undo()
+    assert landed and path.read_bytes() == b"old" and list(tmp_path.iterdir()) == [path]

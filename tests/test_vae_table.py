@@ -30,7 +30,7 @@ def result(flow, spec, k, shift, valid):
             "iwae": bounds_of((base + shift)[:2], (base + shift - 3)[:2], 5000)}
 
 
-def test_records_hold_the_issue_fields_and_paired_differences():
+def test_records_hold_the_page_fields_and_paired_differences():
     vae = result("none", "none", 0, 0.0, [120, 110, 105, 104])
     planar = result("planar", "planar", 10, -2.0, [118, 108, 109, 109])
     records = [vae_table.record(r, vae) for r in (vae, planar)]
