@@ -325,20 +325,32 @@ def _published(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _piano_roll(rows: Sequence[dict[str, Any]], out: Path) -> list[str]:
-    """The best run's piano rolls, when ``pyro-storn generate`` has written its generated.npz."""
+    """The piano rolls of the best run (lowest test -IWAE) that ``pyro-storn generate`` has written
+    a generated.npz for; the page names the best run when that one has none."""
     from .report import generation_figure, read_generation
 
-    best = min(rows, key=lambda row: row["test_neg_iwae_per_frame"])
-    generation = read_generation(best["run"])
-    if generation is None or "probabilities" not in generation:
+    ranked = sorted(rows, key=lambda row: row["test_neg_iwae_per_frame"])
+    for rank, row in enumerate(ranked):
+        generation = read_generation(row["run"])
+        if generation is not None and "probabilities" in generation:
+            break
+    else:
         return []
     figure = generation_figure(generation, out.with_name(out.stem + "_piano_roll.png"),
-                               title=f"{best['guide']}, {best['model']}, seed {best['seed']}")
-    return ["## Piano rolls of the best run", "",
+                               title=f"{row['guide']}, {row['model']}, seed {row['seed']}")
+    if rank == 0:
+        heading, which = "## Piano rolls of the best run", ""
+    else:
+        heading = "## Piano rolls of the best run with generated sequences"
+        which = (f" The run is number {rank + 1} by test -IWAE: the runs above it "
+                 f"({', '.join(Path(r['run']).name for r in ranked[:rank])}) have no "
+                 f"generated.npz.")
+    return [heading, "",
             f"The first test chorale, the model's per-note probabilities on it (z from the guide), "
             f"and {generation['generated'].shape[0]} continuations after its first "
             f"{int(generation['n_prefix'])} frame(s) with z from the prior (`pyro-storn generate "
-            f"RUN` on the run {Path(best['run']).name}).", "", f"![piano roll]({figure.name})", ""]
+            f"RUN` on the run {Path(row['run']).name}).{which}", "", f"![piano roll]({figure.name})",
+            ""]
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path:

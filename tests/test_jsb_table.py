@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,8 +127,27 @@ def test_page_shows_the_best_runs_piano_roll_once_generated(runs, tmp_path):
     generate_run(best["run"], n_prefix=2, n_sequences=1, num_samples=2)
     out = tmp_path / "page.md"
     jsb_table.write_page(runs, out)
-    assert "## Piano rolls of the best run" in out.read_text()
+    assert "## Piano rolls of the best run\n" in out.read_text()
     assert (tmp_path / "page_piano_roll.png").stat().st_size > 0
+
+
+def test_without_the_best_runs_generation_the_next_run_is_shown_and_the_best_named(runs, tmp_path):
+    import shutil
+
+    from pyro_storn.runs import generate_run
+
+    copies = [shutil.copytree(run, tmp_path / run.name) for run in runs]
+    for copy in copies:
+        (copy / "generated.npz").unlink(missing_ok=True)
+    rows = sorted((jsb_table.run_row(copy) for copy in copies),
+                  key=lambda row: row["test_neg_iwae_per_frame"])
+    generate_run(rows[1]["run"], n_prefix=2, n_sequences=1, num_samples=2)
+    out = tmp_path / "page.md"
+    jsb_table.write_page(copies, out)
+    text = out.read_text()
+    assert "## Piano rolls of the best run with generated sequences\n" in text
+    assert f"on the run {Path(rows[1]['run']).name})" in text
+    assert f"the runs above it ({Path(rows[0]['run']).name}) have no generated.npz" in text
 
 
 def test_page_is_written_again_from_the_archive_alone(runs, tmp_path):
@@ -199,7 +219,6 @@ def test_the_committed_archive_keeps_every_archived_file():
     of its files (a blanket ``*.npz`` rule once dropped the piano rolls' generated.npz)."""
     import shutil
     import subprocess
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     if shutil.which("git") is None or not (root / ".git").exists():
