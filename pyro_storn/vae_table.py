@@ -289,9 +289,9 @@ def _invocations(results: list[dict[str, Any]]) -> list[str]:
     if len(invocations) < 2:
         return []
     groups = "; ".join(f"{when}: {', '.join(models)}" for when, models in invocations.items())
-    return ["", f"Times were taken in {len(invocations)} invocations (stored models are reused), "
-                f"each under its own machine load: compare train s and eval s only within one. "
-                f"Trained in {groups}."]
+    return ["", "Times come from more than one invocation (stored models are reused), each under "
+                "its own machine load: compare train s and eval s only within one. By invocation: "
+                f"{groups}."]
 
 
 def _verdicts(results: list[dict[str, Any]], records: list[dict[str, Any]],

@@ -477,9 +477,9 @@ def test_example_reuse_resumes_and_reuses(tmp_path, capsys):
     # a table mixing reused and newly trained rows says which times were taken when
     assert example.main(argv[:1] + ["none,planar"] + argv[2:]) == 0
     table = (tmp_path / "t.md").read_text()
-    assert "Times were taken in 2 invocations" in table
+    assert "Times come from more than one invocation" in table
     # the VAE's stored run, then this invocation's two planar models
-    assert re.search(r"Trained in [^;]+: VAE; [^;]+: planar K=1, planar K=2\.", table)
+    assert re.search(r"By invocation: [^;]+: VAE; [^;]+: planar K=1, planar K=2\.", table)
     # More epochs of the same protocol continue the checkpoint; another protocol trains afresh.
     assert example.main(argv[:3] + ["3"] + argv[4:]) == 0
     third = json.loads((runs / "none_K0" / "results.json").read_text())
