@@ -376,8 +376,8 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path:
             ax.set_ylim(min(min(values), TARGET_NEG_ELBO) - 0.1, min(max(values), 10.0))
     axes[0].set_ylabel("nats per frame (single sample)")
     # Below the panels: inside, ten runs' labels covered the test curves.
-    fig.legend(*axes[1].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7)
-    fig.tight_layout(rect=(0, 0.03 + 0.035 * math.ceil(len(rows) / 3), 1, 1))
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=6)
+    fig.tight_layout(rect=(0, 0.03 + 0.03 * math.ceil(len(rows) / 2), 1, 1))
     path = save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
