@@ -9,10 +9,10 @@ divided by their frames (Pyro's DMM example and Krishnan et al. 2017 report this
 
 ``python -m pyro_storn.jsb_table RUN_DIR ... --out docs/storn_jsb_chorales.md``
 
-Run directories hold their checkpoints (tens of megabytes each) and do not survive a change of machine; with
-``--archive DIR`` the files a row is made of (config, evaluation, metrics, generated piano rolls)
-are copied to ``DIR/<run name>/``, small enough to commit, and the page can be written again from
-those copies alone.
+Run directories hold their checkpoints (tens of megabytes each) and do not survive a change of
+machine; with ``--archive DIR`` the files a row is made of (config, evaluation, metrics, generated
+piano rolls) are copied to ``DIR/<run name>/``, small enough to commit, and the page can be written
+again from those copies alone.
 """
 
 from __future__ import annotations
@@ -349,8 +349,8 @@ def _piano_roll(rows: Sequence[dict[str, Any]], out: Path) -> list[str]:
             f"The first test chorale, the model's per-note probabilities on it (z from the guide), "
             f"and {generation['generated'].shape[0]} continuations after its first "
             f"{int(generation['n_prefix'])} frame(s) with z from the prior (`pyro-storn generate "
-            f"RUN` on the run {Path(row['run']).name}).{which}", "", f"![piano roll]({figure.name})",
-            ""]
+            f"RUN` on the run {Path(row['run']).name}).{which}", "",
+            f"![piano roll]({figure.name})", ""]
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path:
