@@ -116,6 +116,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--latent-dim", type=int, default=40)
     model.add_argument("--hidden-dims", type=_int_list, default="300,300")
     model.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu")
+    model.add_argument("--batch-norm", action="store_true",
+                       help="batch normalisation after every hidden linear layer (the study's)")
+    model.add_argument("--gated", action="store_true",
+                       help="gated hidden layers (W x + b) * sigmoid(V x + c), Tomczak & "
+                            "Welling's, in place of linear + --activation")
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=20)
     train.add_argument("--batch-size", type=int, default=100)
@@ -224,14 +229,19 @@ def run_name(spec: str, length: int) -> str:
 
 # Options that define a training protocol (a checkpoint resumes under a larger --epochs), and
 # those that define its evaluation: --resume takes a stored result only when all match.
-PROTOCOL_OPTIONS = ("latent_dim", "hidden_dims", "activation", "batch_size", "lr",
-                    "lr_decay", "lr_decay_epochs", "warmup_epochs", "seed", "n_test")
+PROTOCOL_OPTIONS = ("latent_dim", "hidden_dims", "activation", "batch_norm", "gated",
+                    "batch_size", "lr", "lr_decay", "lr_decay_epochs", "warmup_epochs", "seed",
+                    "n_test")
 EVALUATION_OPTIONS = ("epochs", "iwae_samples", "iwae_images", "elbo_samples", "eval_images")
+# Options added later are recorded only when set, so that earlier runs keep their budget.
+RECORDED_WHEN_SET = ("batch_norm", "gated")
 
 
 def budget(data: mnist.MNISTData, args: argparse.Namespace,
            options: tuple[str, ...] = PROTOCOL_OPTIONS + EVALUATION_OPTIONS) -> dict[str, Any]:
-    values = {"data": data.source, **{name: getattr(args, name) for name in options}}
+    values = {"data": data.source, **{
+        name: getattr(args, name) for name in options
+        if name not in RECORDED_WHEN_SET or getattr(args, name)}}
     return json.loads(json.dumps(values))  # as stored: tuples become lists
 
 
@@ -264,7 +274,8 @@ def train_and_evaluate(
     pyro.set_rng_seed(args.seed)  # same initialisation stream for every configuration
     vae = VAE(latent_dim=args.latent_dim, hidden_dims=tuple(args.hidden_dims),
               flow=None if flow == "none" else flow, flow_length=length,
-              activation=args.activation, flow_kwargs=flow_kwargs)
+              activation=args.activation, batch_norm=args.batch_norm, gated=args.gated,
+              flow_kwargs=flow_kwargs)
     result: dict[str, Any] = {"flow": flow, "flow_spec": spec, "flow_kwargs": flow_kwargs,
                               "K": length, "conditional": vae.flow_conditional,
                               "parameters": sum(p.numel() for p in vae.parameters()),
@@ -330,10 +341,10 @@ def preamble(data: mnist.MNISTData, args: argparse.Namespace, results: list[dict
         f"Budget, the same for every model: {args.epochs} epochs, batch {args.batch_size}, "
         f"{schedule}, gradient global norm clipped at 10, KL warm-up {args.warmup_epochs} "
         f"epochs, seed {args.seed} (initialisation and batch order); encoder/decoder MLP "
-        f"{tuple(args.hidden_dims)} {args.activation}, latent {args.latent_dim}, no batch "
-        f"normalisation; flows amortised on the encoder's last hidden layer where they can be "
-        f"conditioned.",
-        vae_table.study_protocol(args.epochs, args.lr, args.lr_decay_epochs),
+        f"{tuple(args.hidden_dims)} {'gated' if args.gated else args.activation}, latent "
+        f"{args.latent_dim}, {'' if args.batch_norm else 'no '}batch normalisation; flows "
+        f"amortised on the encoder's last hidden layer where they can be conditioned.",
+        vae_table.study_protocol(args.epochs, args.lr, args.lr_decay_epochs, args.batch_norm),
         f"Machine: {platform.machine()} {platform.system()}, torch {torch.__version__}, "
         f"pyro {pyro.__version__}, device {args.device}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "

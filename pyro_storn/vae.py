@@ -17,7 +17,11 @@ is what Pyro's :class:`~pyro.infer.Trace_ELBO` computes from :meth:`VAE.model` a
 :meth:`VAE.guide` (latent site ``"z"``, event dim 1; observed site ``"x"``, event dim 1).
 
 Defaults follow the study this reproduces (two hidden layers of 300 units, 40 latent dims;
-batch 100, Adam). The activation is an option (``"relu"`` by default).
+batch 100, Adam, batch normalisation). The activation is an option (``"relu"`` by default), and
+so are the study's batch normalisation after every hidden linear layer (``batch_norm=True``;
+statistics of the minibatch in ``train()`` mode, the running ones in ``eval()`` mode) and the
+gated layers of Tomczak & Welling's code, :math:`h = (W x + b) \odot \sigma(V x + c)` in place
+of ``activation(W x + b)`` (``gated=True``) [2, 4].
 
 :mod:`pyro_storn.vae_fit` trains it (through the one loop :func:`pyro_storn.training.fit`) and
 evaluates its bounds; this module is the model only.
@@ -32,6 +36,7 @@ References:
     arXiv:1611.09630
 [3] Diederik P. Kingma, Tim Salimans, Rafal Jozefowicz, Xi Chen, Ilya Sutskever, Max Welling.
     Improving Variational Inference with Inverse Autoregressive Flow. arXiv:1606.04934
+[4] Jakub M. Tomczak, Max Welling. VAE with a VampPrior. arXiv:1705.07120 (its GatedDense).
 """
 
 from __future__ import annotations
@@ -65,11 +70,38 @@ ACTIVATIONS = {
 MIN_POSTERIOR_SCALE = 1e-4
 
 
-def _mlp(sizes: Sequence[int], activation: type[nn.Module]) -> nn.Sequential:
-    """Linear layers between consecutive ``sizes``, each followed by ``activation``."""
+class BatchNorm(nn.BatchNorm1d):
+    """:class:`torch.nn.BatchNorm1d` over the last dim of inputs of any batch shape: the decoder
+    sees ``(samples, images, Z)`` latents, which ``BatchNorm1d`` would read as channels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
+class GatedLinear(nn.Module):
+    """:math:`h = (W x + b) \odot \sigma(V x + c)`, Tomczak & Welling's ``GatedDense``."""
+
+    def __init__(self, size_in: int, size_out: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(size_in, size_out)
+        self.gate = nn.Linear(size_in, size_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * torch.sigmoid(self.gate(x))
+
+
+def _mlp(sizes: Sequence[int], activation: type[nn.Module], *, batch_norm: bool = False,
+         gated: bool = False) -> nn.Sequential:
+    """Hidden layers between consecutive ``sizes``: ``Linear`` then ``activation``, or a
+    :class:`GatedLinear`; with ``batch_norm``, a :class:`BatchNorm` after each linear map (before
+    the activation, as Ioffe & Szegedy place it; after the gate of a gated layer)."""
     layers: list[nn.Module] = []
     for size_in, size_out in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(size_in, size_out), activation()]
+        layers.append(GatedLinear(size_in, size_out) if gated else nn.Linear(size_in, size_out))
+        if batch_norm:
+            layers.append(BatchNorm(size_out))
+        if not gated:
+            layers.append(activation())
     return nn.Sequential(*layers)
 
 
@@ -83,7 +115,9 @@ class VAE(nn.Module):
     :param flow_length: layers of that flow (``K``); 0 means no flow.
     :param condition_flow: amortise the flow (condition it on the encoder's last hidden layer)
         when the flow supports it; otherwise its parameters are shared by all images.
-    :param activation: a key of :data:`ACTIVATIONS`.
+    :param activation: a key of :data:`ACTIVATIONS` (unused by gated layers).
+    :param batch_norm: batch normalisation after every hidden linear map, encoder and decoder.
+    :param gated: gated hidden layers (:class:`GatedLinear`) in place of linear + activation.
     :param kl_weight: factor on the latent site's log-densities (KL warm-up sets it per epoch).
     :param flow_kwargs: passed on to the flow's builder.
     """
@@ -98,6 +132,8 @@ class VAE(nn.Module):
         *,
         condition_flow: bool = True,
         activation: str = "relu",
+        batch_norm: bool = False,
+        gated: bool = False,
         kl_weight: float = 1.0,
         flow_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -129,15 +165,18 @@ class VAE(nn.Module):
         self.input_dim, self.latent_dim, self.hidden_dims = input_dim, latent_dim, hidden_dims
         self.flow_name, self.flow_length = flow, flow_length
         self.activation = activation
+        self.batch_norm, self.gated = bool(batch_norm), bool(gated)
         self.kl_weight = float(kl_weight)
         self._condition_flow, self._flow_kwargs = condition_flow, dict(flow_kwargs or {})
 
         act = ACTIVATIONS[activation]
         context_dim = hidden_dims[-1]
-        self.encoder = _mlp((input_dim,) + hidden_dims, act)
+        layer = {"batch_norm": self.batch_norm, "gated": self.gated}
+        self.encoder = _mlp((input_dim,) + hidden_dims, act, **layer)
         self.posterior_head = nn.Linear(context_dim, 2 * latent_dim)
         self.decoder = nn.Sequential(
-            _mlp((latent_dim,) + hidden_dims[::-1], act), nn.Linear(hidden_dims[0], input_dim)
+            _mlp((latent_dim,) + hidden_dims[::-1], act, **layer),
+            nn.Linear(hidden_dims[0], input_dim),
         )
 
         self.flow_conditional = False
@@ -154,7 +193,8 @@ class VAE(nn.Module):
         flow = f"{self.flow_name} x{self.flow_length}" if self.flow_name else "none"
         return (
             f"input_dim={self.input_dim}, latent_dim={self.latent_dim}, "
-            f"hidden_dims={self.hidden_dims}, activation={self.activation}, flow={flow}, "
+            f"hidden_dims={self.hidden_dims}, activation={self.activation}, "
+            f"batch_norm={self.batch_norm}, gated={self.gated}, flow={flow}, "
             f"conditional={self.flow_conditional}"
         )
 
@@ -251,6 +291,7 @@ class VAE(nn.Module):
             "input_dim": self.input_dim, "latent_dim": self.latent_dim,
             "hidden_dims": list(self.hidden_dims), "flow": self.flow_name,
             "flow_length": self.flow_length, "condition_flow": self._condition_flow,
-            "activation": self.activation, "kl_weight": self.kl_weight,
+            "activation": self.activation, "batch_norm": self.batch_norm, "gated": self.gated,
+            "kl_weight": self.kl_weight,
             "flow_kwargs": self._flow_kwargs,
         }

@@ -18,6 +18,7 @@ gives -ELBO and the importance-weighted -IWAE per image (:mod:`pyro_storn.bounds
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FLOW_METRIC_NAMES",
     "VALID_METRIC",
+    "eval_mode",
     "flow_metrics",
     "evaluate_bounds",
     "kl_warmup_weight",
@@ -66,11 +68,29 @@ def _device_of(vae: VAE) -> torch.device:
     return vae.posterior_head.weight.device
 
 
+@contextlib.contextmanager
+def eval_mode(vae: VAE):
+    """``vae`` in ``eval()`` mode inside the block, its former mode after: a bound of one image
+    must not depend on the others in its batch (batch normalisation's running statistics)."""
+    was_training = vae.training
+    vae.eval()
+    try:
+        yield vae
+    finally:
+        vae.train(was_training)
+
+
 @torch.no_grad()
 def flow_metrics(vae: VAE, x: torch.Tensor, batch_size: int = 500) -> dict[str, float]:
     """Single-sample estimates averaged over the images ``x`` ``(N, D)``: -ELBO, reconstruction
     NLL, KL, and the flow's terms ``E[log q0(z0)]``, ``E[log qK(zK)]``, ``E[Σ log|det J|]``,
-    ``E[log p(zK)]`` (Figs. 3-4 of the study). The KL is never annealed here."""
+    ``E[log p(zK)]`` (Figs. 3-4 of the study). The KL is never annealed here; ``vae`` is in
+    ``eval()`` mode while they are computed."""
+    with eval_mode(vae):
+        return _flow_metrics(vae, x, batch_size)
+
+
+def _flow_metrics(vae: VAE, x: torch.Tensor, batch_size: int) -> dict[str, float]:
     sums = {name: 0.0 for name in FLOW_METRIC_NAMES}
     for xb in _image_batches(x, batch_size, _device_of(vae)):
         terms = flow_terms(vae.posterior(xb), vae.prior(xb.shape[:-1]))
@@ -97,8 +117,15 @@ def evaluate_bounds(
     Returns per-image arrays ``neg_elbo``, ``neg_iwae`` and ``log_weight_var`` (the sample
     variance of the log-weights, for Monte Carlo errors), their means and spreads over images
     (``*_mean``, ``*_sd``, as :func:`pyro_storn.evaluation.evaluate_bounds` gives for STORN), and
-    the standard errors of the means (``*_se``), in nats per image.
+    the standard errors of the means (``*_se``), in nats per image. ``vae`` is in ``eval()``
+    mode while they are computed.
     """
+    with eval_mode(vae):
+        return _evaluate_bounds(vae, x, num_samples, max_rows)
+
+
+def _evaluate_bounds(vae: VAE, x: torch.Tensor, num_samples: int, max_rows: int
+                     ) -> dict[str, Any]:
     check_positive_int("num_samples", num_samples)
     device = _device_of(vae)
     images_per_pass = max(1, min(x.shape[0], max_rows))
@@ -213,6 +240,7 @@ def fit_vae(
             record[VALID_METRIC] = flow_metrics(vae, valid)["neg_elbo"]
         return record
 
+    vae.train()  # batch statistics while it learns; the metrics switch to eval() themselves
     try:
         return reraise_interrupt(fit(
             elbo_module(pyro.infer.Trace_ELBO(), vae), vae, (data.train_dataset(),),

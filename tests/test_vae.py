@@ -21,7 +21,10 @@ from pyro_storn import VAE
 from pyro_storn.data import mnist
 from pyro_storn.flow_terms import flow_terms
 from pyro_storn.training import read_metrics
-from pyro_storn.vae_fit import evaluate_bounds, fit_vae, flow_metrics, kl_warmup_weight
+from pyro_storn.vae import BatchNorm, GatedLinear
+from pyro_storn.vae_fit import (
+    eval_mode, evaluate_bounds, fit_vae, flow_metrics, kl_warmup_weight,
+)
 
 
 # The flows the study and the MNIST pages name, plus the plain VAE; a family not registered in this
@@ -312,8 +315,9 @@ def random_images(n_train: int = 120, n_test: int = 40, seed: int = 0) -> mnist.
                            source="synthetic")
 
 
-def small_vae(flow: str | None, length: int = 2) -> VAE:
-    return VAE(latent_dim=4, hidden_dims=(16,), flow=flow, flow_length=length if flow else 0)
+def small_vae(flow: str | None, length: int = 2, **kwargs) -> VAE:
+    return VAE(latent_dim=4, hidden_dims=(16,), flow=flow, flow_length=length if flow else 0,
+               **kwargs)
 
 
 def test_kl_warmup_weights():
@@ -344,21 +348,114 @@ def test_fit_vae_records_the_flow_terms(tmp_path, flow):
                 assert values["sum_log_det"] == 0.0
 
 
-def test_fit_vae_resume_reproduces_an_uninterrupted_run(tmp_path):
-    """Dynamic binarisation draws from the RNG that fit checkpoints: a run stopped after one
-    epoch and resumed gives the losses of a run that never stopped."""
+@pytest.mark.parametrize("layers", [{}, {"batch_norm": True, "gated": True}])
+def test_fit_vae_resume_reproduces_an_uninterrupted_run(tmp_path, layers):
+    """Dynamic binarisation draws from the RNG that fit checkpoints (and batch normalisation's
+    running statistics are in the state): a run stopped after one epoch and resumed gives the
+    losses and validation bounds of a run that never stopped."""
     flow = "planar" if "planar" in transforms.available() else None
     data = random_images()
+    data.valid = data.test
     straight = tmp_path / "straight"
     pyro.set_rng_seed(0)
-    fit_vae(small_vae(flow), data, epochs=2, run_dir=straight, batch_size=40, progress=False)
+    fit_vae(small_vae(flow, **layers), data, epochs=2, run_dir=straight, batch_size=40,
+            progress=False)
     resumed = tmp_path / "resumed"
     pyro.set_rng_seed(0)
-    fit_vae(small_vae(flow), data, epochs=1, run_dir=resumed, batch_size=40, progress=False)
-    fit_vae(small_vae(flow), data, epochs=2, run_dir=resumed, batch_size=40, progress=False,
-            resume=True)
+    fit_vae(small_vae(flow, **layers), data, epochs=1, run_dir=resumed, batch_size=40,
+            progress=False)
+    fit_vae(small_vae(flow, **layers), data, epochs=2, run_dir=resumed, batch_size=40,
+            progress=False, resume=True)
     a, b = read_metrics(straight), read_metrics(resumed)
-    assert [r["train_loss"] for r in a] == pytest.approx([r["train_loss"] for r in b], rel=1e-6)
+    for name in ("train_loss", "valid_neg_elbo"):
+        assert [r[name] for r in a] == pytest.approx([r[name] for r in b], rel=1e-6)
+
+
+# ---- batch normalisation and gated layers ------------------------------------------------------
+
+
+def test_gated_layer_is_tomczak_and_wellings_gate():
+    layer = GatedLinear(5, 3)
+    x = torch.randn(7, 5)
+    expected = layer.linear(x) * torch.sigmoid(layer.gate(x))
+    assert torch.equal(layer(x), expected)
+    layers = [type(m).__name__ for m in VAE(gated=True, batch_norm=True).encoder]
+    assert layers == ["GatedLinear", "BatchNorm", "GatedLinear", "BatchNorm"]
+    layers = [type(m).__name__ for m in VAE(batch_norm=True).decoder[0]]
+    assert layers == ["Linear", "BatchNorm", "ReLU", "Linear", "BatchNorm", "ReLU"]
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in VAE().modules())
+
+
+def test_config_rebuilds_batch_norm_and_gated_layers():
+    vae = VAE(flow="planar" if "planar" in transforms.available() else None,
+              flow_length=1 if "planar" in transforms.available() else 0,
+              batch_norm=True, gated=True)
+    rebuilt = VAE(**vae.config())
+    rebuilt.load_state_dict(vae.state_dict())  # same modules, buffers included
+    assert rebuilt.batch_norm and rebuilt.gated
+
+
+def test_batch_norm_over_any_batch_shape_is_per_feature():
+    """The decoder sees (samples, images, Z): statistics are over every leading dim, per
+    feature, as BatchNorm1d's over the flattened rows."""
+    norm, reference = BatchNorm(4), torch.nn.BatchNorm1d(4)
+    x = torch.randn(3, 5, 4) * 2 + 1
+    assert torch.allclose(norm(x), reference(x.reshape(15, 4)).reshape(3, 5, 4))
+    assert torch.allclose(norm.running_mean, reference.running_mean)
+
+
+def test_evaluation_with_batch_norm_does_not_depend_on_the_batch():
+    """In eval() mode an image's bound is its own; in train() mode batch statistics would
+    mix images (the check that the test can fail); the metrics switch modes themselves and
+    give the mode back."""
+    pyro.set_rng_seed(0)
+    vae = moved(VAE(input_dim=6, latent_dim=2, hidden_dims=(8,), batch_norm=True))
+    x = torch.bernoulli(torch.full((10, 6), 0.5))
+    loc_alone, loc_in_batch = vae.encode(x[:3])[0], vae.encode(x)[0][:3]
+    assert not torch.allclose(loc_alone, loc_in_batch)  # train(): batch statistics
+    vae.train()
+    pyro.set_rng_seed(1)
+    alone = evaluate_bounds(vae, x[:3], num_samples=4)
+    assert vae.training
+    with torch.no_grad():
+        vae.eval()
+        assert torch.allclose(vae.encode(x[:3])[0], vae.encode(x)[0][:3])
+        z = torch.randn(4, 3, 2)
+        assert torch.allclose(vae.decode(z), torch.stack([vae.decode(zs) for zs in z]))
+    vae.train()
+    pyro.set_rng_seed(1)
+    again = evaluate_bounds(vae, x[:3], num_samples=4)
+    np.testing.assert_allclose(alone["neg_elbo"], again["neg_elbo"])
+    metrics_alone = flow_metrics(vae, x[:3], batch_size=3)
+    assert vae.training
+    vae.eval()
+    pyro.set_rng_seed(2)
+    direct = vae.log_weights(x[:3], 4)
+    vae.train()
+    pyro.set_rng_seed(2)
+    with eval_mode(vae):
+        assert torch.allclose(vae.log_weights(x[:3], 4), direct)
+    assert vae.training and math.isfinite(metrics_alone["neg_elbo"])
+
+
+def test_fit_vae_trains_batch_norm_in_train_mode(tmp_path):
+    """Training moves the running statistics (batch statistics were in use), and the metrics
+    are the same numbers whichever mode the VAE is left in."""
+    data = random_images()
+    vae = small_vae(None, batch_norm=True)
+    before = vae.encoder[1].running_mean.clone()
+    pyro.set_rng_seed(0)
+    fit_vae(vae, data, epochs=1, run_dir=tmp_path, batch_size=40, metric_images=40,
+            progress=False)
+    assert not torch.allclose(vae.encoder[1].running_mean, before)
+    record = read_metrics(tmp_path)[-1]
+    pyro.set_rng_seed(5)
+    vae.eval()
+    first = flow_metrics(vae, data.test_tensor()[:40])["recon_nll"]
+    pyro.set_rng_seed(5)
+    vae.train()
+    second = flow_metrics(vae, data.test_tensor()[:40])["recon_nll"]
+    assert first == second and math.isfinite(record["test_neg_elbo"])
 
 
 @pytest.mark.parametrize("kwargs, pattern", [
@@ -537,6 +634,29 @@ def test_example_flow_options_reach_the_model(tmp_path):
     text = out.read_text()
     assert "| householder:count_transforms=1 | 2 |" in text
     assert "ConditionalHouseholder(input_dim=4, count_transforms=1)" in text
+
+
+def test_example_layer_options_reach_the_model_and_the_page(tmp_path):
+    example = load_example()
+    common = ["--models", "none", "--epochs", "1", "--hidden-dims", "16", "--latent-dim", "4",
+              "--iwae-samples", "5", "--eval-images", "20", "--no-progress"]
+    out = tmp_path / "table.md"
+    assert example.main(common + ["--batch-norm", "--gated", "--run-dir",
+                                  str(tmp_path / "runs"), "--out", str(out)]) == 0
+    run = tmp_path / "runs" / "none_K0"
+    result = json.loads((run / "results.json").read_text())
+    reference = VAE(latent_dim=4, hidden_dims=(16,), batch_norm=True, gated=True)
+    assert result["parameters"] == sum(p.numel() for p in reference.parameters())
+    assert json.loads((run / "training_budget.json").read_text())["batch_norm"] is True
+    text = out.read_text()
+    assert "MLP (16,) gated, latent 4, batch normalisation" in text
+    assert re.search(r"follows [^\n]*batch normalisation; differs", text)
+    # without the options the budget is what runs from before the options recorded
+    plain = tmp_path / "plain"
+    assert example.main(common + ["--run-dir", str(plain), "--out", str(tmp_path / "p.md")]) == 0
+    recorded = json.loads((plain / "none_K0" / "training_budget.json").read_text())
+    assert "batch_norm" not in recorded and "gated" not in recorded
+    assert "relu, latent 4, no batch normalisation" in (tmp_path / "p.md").read_text()
 
 
 def test_example_uses_the_full_data_set_when_its_files_are_there(tmp_path):
