@@ -41,7 +41,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -54,7 +55,9 @@ import transforms
 
 from .flow_terms import flow_terms
 
-__all__ = ["VAE", "ACTIVATIONS", "MIN_POSTERIOR_SCALE"]
+__all__ = [
+    "VAE", "ACTIVATIONS", "MIN_POSTERIOR_SCALE", "BatchNorm", "GatedLinear", "eval_mode",
+]
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -68,6 +71,19 @@ ACTIVATIONS = {
 # q0's scales are softplus(raw) + floor: keeps log q0 finite when the encoder grows very sure
 # of a dimension; far below the posterior widths of a binary-MNIST VAE (~1e-2 and up).
 MIN_POSTERIOR_SCALE = 1e-4
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in ``eval()`` mode inside the block, its former mode after: a bound of one
+    image must not depend on the others in its batch (batch normalisation's running
+    statistics), and sampling must not move those statistics."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 class BatchNorm(nn.BatchNorm1d):
@@ -280,9 +296,10 @@ class VAE(nn.Module):
     @torch.no_grad()
     def sample(self, num_samples: int, mean: bool = True) -> torch.Tensor:
         """Images from the model, ``(num_samples, D)``: pixel probabilities (``mean=True``)
-        or binary draws."""
+        or binary draws; in ``eval()`` mode (batch normalisation's running statistics)."""
         z = self.prior((num_samples,)).sample()
-        probs = torch.sigmoid(self.decode(z))
+        with eval_mode(self):
+            probs = torch.sigmoid(self.decode(z))
         return probs if mean else torch.bernoulli(probs)
 
     def config(self) -> dict[str, Any]:

@@ -18,7 +18,6 @@ gives -ELBO and the importance-weighted -IWAE per image (:mod:`pyro_storn.bounds
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from pathlib import Path
@@ -31,7 +30,7 @@ from . import bounds
 from .checkpoint import load_checkpoint, previous_path
 from .flow_terms import flow_terms
 from .validation import check_non_negative_int, check_positive_int
-from .vae import VAE
+from .vae import VAE, eval_mode
 
 if TYPE_CHECKING:
     from .data.mnist import MNISTData
@@ -40,7 +39,6 @@ if TYPE_CHECKING:
 __all__ = [
     "FLOW_METRIC_NAMES",
     "VALID_METRIC",
-    "eval_mode",
     "flow_metrics",
     "evaluate_bounds",
     "kl_warmup_weight",
@@ -66,18 +64,6 @@ def _image_batches(x: torch.Tensor, size: int, device: torch.device):
 
 def _device_of(vae: VAE) -> torch.device:
     return vae.posterior_head.weight.device
-
-
-@contextlib.contextmanager
-def eval_mode(vae: VAE):
-    """``vae`` in ``eval()`` mode inside the block, its former mode after: a bound of one image
-    must not depend on the others in its batch (batch normalisation's running statistics)."""
-    was_training = vae.training
-    vae.eval()
-    try:
-        yield vae
-    finally:
-        vae.train(was_training)
 
 
 @torch.no_grad()

@@ -21,10 +21,8 @@ from pyro_storn import VAE
 from pyro_storn.data import mnist
 from pyro_storn.flow_terms import flow_terms
 from pyro_storn.training import read_metrics
-from pyro_storn.vae import BatchNorm, GatedLinear
-from pyro_storn.vae_fit import (
-    eval_mode, evaluate_bounds, fit_vae, flow_metrics, kl_warmup_weight,
-)
+from pyro_storn.vae import BatchNorm, GatedLinear, eval_mode
+from pyro_storn.vae_fit import evaluate_bounds, fit_vae, flow_metrics, kl_warmup_weight
 
 
 # The flows the study and the MNIST pages name, plus the plain VAE; a family not registered in this
@@ -436,6 +434,18 @@ def test_evaluation_with_batch_norm_does_not_depend_on_the_batch():
     with eval_mode(vae):
         assert torch.allclose(vae.log_weights(x[:3], 4), direct)
     assert vae.training and math.isfinite(metrics_alone["neg_elbo"])
+
+
+def test_sampling_with_batch_norm_leaves_the_statistics_and_the_mode():
+    vae = VAE(input_dim=6, latent_dim=2, hidden_dims=(8,), batch_norm=True)
+    vae.encode(torch.bernoulli(torch.full((10, 6), 0.5)))  # train(): running stats move once
+    before = {name: b.clone() for name, b in vae.named_buffers()}
+    images = vae.sample(7)
+    assert vae.training and images.shape == (7, 6)
+    for name, buffer in vae.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+    vae.decode(torch.randn(7, 2))  # the check can fail: decoding in train() mode moves them
+    assert not torch.equal(vae.decoder[0][1].running_mean, before["decoder.0.1.running_mean"])
 
 
 def test_fit_vae_trains_batch_norm_in_train_mode(tmp_path):
