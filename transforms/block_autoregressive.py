@@ -212,16 +212,17 @@ class BlockAutoregressive(TransformModule):
         """``(f(x), log df_i/dx_i)``, both ``(..., n)``, for ``x`` holding the first ``n <= D``
         coordinates (the first ``n`` outputs read no others)."""
         hidden = x
-        log_jacobian = torch.zeros_like(x).unsqueeze(-1)  # (..., n, 1): d x / d x = 1
         last = len(weights) - 1
         for index, layer_weights in enumerate(weights):
             pre, log_diagonal = apply_block_linear(hidden, layer_weights)
-            # diagonal blocks compose by matrix products, here in log space (all entries > 0)
-            log_jacobian = torch.logsumexp(log_diagonal + log_jacobian.unsqueeze(-2), dim=-1)
+            if index == 0:  # d x / d x = 1 and one input unit per coordinate: the block itself
+                log_jacobian = log_diagonal.squeeze(-1)
+            else:  # diagonal blocks compose by matrix products, here in log space (entries > 0)
+                log_jacobian = torch.logsumexp(log_diagonal + log_jacobian.unsqueeze(-2), dim=-1)
             if index == last:
                 return pre, log_jacobian.squeeze(-1)
             hidden = torch.tanh(pre)
-            log_jacobian = log_jacobian + _log_tanh_derivative(pre).reshape(log_jacobian.shape)
+            log_jacobian = log_jacobian + _log_tanh_derivative(pre).unflatten(-1, log_jacobian.shape[-2:])
         raise AssertionError("unreachable: the network has an output layer")
 
     def _map(self, x: torch.Tensor, weights=None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -274,12 +275,14 @@ class BlockAutoregressive(TransformModule):
 
         def value_and_slope(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
             hidden_i = t.unsqueeze(-1)
-            log_jacobian = torch.zeros_like(hidden_i)  # (..., 1): d x_i / d x_i = 1
             for number, (offset, diagonal, log_diagonal) in enumerate(
                 zip(offsets, diagonals, log_diagonals)
             ):
                 pre = offset + F.linear(hidden_i, diagonal)
-                log_jacobian = torch.logsumexp(log_diagonal + log_jacobian.unsqueeze(-2), dim=-1)
+                if number == 0:  # d x_i / d x_i = 1 and one input unit: the block itself
+                    log_jacobian = log_diagonal.squeeze(-1)
+                else:
+                    log_jacobian = torch.logsumexp(log_diagonal + log_jacobian.unsqueeze(-2), dim=-1)
                 if number == last:
                     break
                 hidden_i = torch.tanh(pre)
