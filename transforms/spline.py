@@ -187,8 +187,11 @@ def logit_scale_of(net: Any) -> float:
     names none). Durkan et al.'s code divides the widths' and heights' logits by it: a network's
     outputs grow with :math:`\\sqrt{H}` once its weights move, and unscaled they would put most
     bins at their floor width, with slopes of 1e3 between them (a map no grid resolves and
-    whose inverse loses 12 digits)."""
+    whose inverse loses 12 digits). A linear network (``hidden_dims == []``) reads its input
+    directly, so :math:`H` is its input width."""
     hidden_dims = getattr(net, "hidden_dims", None)
+    if hidden_dims == [] and isinstance(getattr(net, "input_dim", None), int):
+        return 1.0 / math.sqrt(net.input_dim)
     return 1.0 / math.sqrt(hidden_dims[-1]) if hidden_dims else 1.0
 
 
