@@ -223,8 +223,10 @@ def configurations(args: argparse.Namespace) -> tuple[list[tuple[str, int]], lis
 
 def run_name(spec: str, length: int) -> str:
     """The run directory of one model: ``householder:count_transforms=1`` at K = 2 is
-    ``householder-count_transforms-1_K2``."""
-    return f"{spec.replace(':', '-').replace('=', '-')}_K{length}"
+    ``householder-count_transforms-1_K2``; a list loses its brackets, which a shell would read as
+    a glob (``hidden_dims=[]`` is ``hidden_dims-none``, ``hidden_dims=[40]`` ``hidden_dims-40``)."""
+    name = spec.replace(":", "-").replace("=", "-").replace(" ", "").replace("[]", "none")
+    return f"{name.replace('[', '').replace(']', '')}_K{length}"
 
 
 # Options that define a training protocol (a checkpoint resumes under a larger --epochs), and

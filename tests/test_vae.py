@@ -608,6 +608,9 @@ def test_flow_spec_parses_builder_options():
         "sylvester", {"variant": "householder"})
     assert example.run_name("householder:count_transforms=1", 2) == (
         "householder-count_transforms-1_K2")
+    assert example.parse_flow_spec("planar:hidden_dims=[]") == ("planar", {"hidden_dims": []})
+    assert example.run_name("planar:hidden_dims=[]", 10) == "planar-hidden_dims-none_K10"
+    assert example.run_name("planar:hidden_dims=[40, 40]", 1) == "planar-hidden_dims-40,40_K1"
     with pytest.raises(ValueError, match="'count_transforms' in 'householder:count_transforms'"):
         example.parse_flow_spec("householder:count_transforms")
 
