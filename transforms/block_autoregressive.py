@@ -107,6 +107,15 @@ def apply_block_linear(x: torch.Tensor, weights: LayerWeights) -> Tuple[torch.Te
     return F.linear(x, w[:rows, : x.size(-1)], bias[:rows]), log_diagonal[:blocks]
 
 
+def _compose_log_blocks(log_diagonal: torch.Tensor, log_jacobian: torch.Tensor | None) -> torch.Tensor:
+    """The diagonal blocks of a layer times those of the layers before it (``log_jacobian``,
+    ``(..., n, rows)``), in log space (all entries > 0): ``(..., n, rows')``. ``None`` before the
+    first layer, whose input is one unit per coordinate with d x / d x = 1: its block itself."""
+    if log_jacobian is None:
+        return log_diagonal.squeeze(-1)
+    return torch.logsumexp(log_diagonal + log_jacobian.unsqueeze(-2), dim=-1)
+
+
 def _log_tanh_derivative(pre: torch.Tensor) -> torch.Tensor:
     r""":math:`\log(1 - \tanh^2 z) = 2(\log 2 - z - \mathrm{softplus}(-2z))`, finite for any z."""
     return 2.0 * (math.log(2.0) - pre - F.softplus(-2.0 * pre))
@@ -211,14 +220,11 @@ class BlockAutoregressive(TransformModule):
     def _network(self, x: torch.Tensor, weights: list[LayerWeights]) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(f(x), log df_i/dx_i)``, both ``(..., n)``, for ``x`` holding the first ``n <= D``
         coordinates (the first ``n`` outputs read no others)."""
-        hidden = x
+        hidden, log_jacobian = x, None
         last = len(weights) - 1
         for index, layer_weights in enumerate(weights):
             pre, log_diagonal = apply_block_linear(hidden, layer_weights)
-            if index == 0:  # d x / d x = 1 and one input unit per coordinate: the block itself
-                log_jacobian = log_diagonal.squeeze(-1)
-            else:  # diagonal blocks compose by matrix products, here in log space (entries > 0)
-                log_jacobian = torch.logsumexp(log_diagonal + log_jacobian.unsqueeze(-2), dim=-1)
+            log_jacobian = _compose_log_blocks(log_diagonal, log_jacobian)
             if index == last:
                 return pre, log_jacobian.squeeze(-1)
             hidden = torch.tanh(pre)
@@ -274,15 +280,12 @@ class BlockAutoregressive(TransformModule):
             log_alpha, log_one_minus_alpha = F.logsigmoid(gate), F.logsigmoid(-gate)
 
         def value_and_slope(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-            hidden_i = t.unsqueeze(-1)
+            hidden_i, log_jacobian = t.unsqueeze(-1), None
             for number, (offset, diagonal, log_diagonal) in enumerate(
                 zip(offsets, diagonals, log_diagonals)
             ):
                 pre = offset + F.linear(hidden_i, diagonal)
-                if number == 0:  # d x_i / d x_i = 1 and one input unit: the block itself
-                    log_jacobian = log_diagonal.squeeze(-1)
-                else:
-                    log_jacobian = torch.logsumexp(log_diagonal + log_jacobian.unsqueeze(-2), dim=-1)
+                log_jacobian = _compose_log_blocks(log_diagonal, log_jacobian)
                 if number == last:
                     break
                 hidden_i = torch.tanh(pre)
