@@ -81,18 +81,36 @@ class SylvesterParams(NamedTuple):
 
 def _strict_upper(entries: torch.Tensor, size: int) -> torch.Tensor:
     """``(..., size(size-1)/2)`` entries, row by row, into a ``(..., size, size)`` strictly upper
-    triangular matrix (a gather, so it broadcasts, differentiates and traces)."""
-    upper = torch.triu_indices(size, size, offset=1, device=entries.device)
-    position = torch.zeros(size, size, dtype=torch.long, device=entries.device)
-    position[upper[0], upper[1]] = torch.arange(1, upper.size(1) + 1, device=entries.device)
-    padded = torch.cat([entries.new_zeros(entries.shape[:-1] + (1,)), entries], dim=-1)
-    return padded[..., position]
+    triangular matrix. An ``index_copy`` into the flattened matrix: its backward is a gather,
+    where indexing the entries would scatter-add (1.7x slower forward+backward at N = 2000,
+    M = 32)."""
+    return _triangle_with(entries, size, None)
+
+
+def _triangle_with(
+    upper: torch.Tensor, size: int, diagonal: torch.Tensor | None
+) -> torch.Tensor:
+    """The strictly upper ``upper`` entries, and ``diagonal`` on the diagonal when given."""
+    rows, cols = torch.triu_indices(size, size, offset=1, device=upper.device)
+    shape = upper.shape[:-1] if diagonal is None else torch.broadcast_shapes(
+        upper.shape[:-1], diagonal.shape[:-1]
+    )
+    flat = upper.new_zeros(shape + (size * size,))
+    flat = flat.index_copy(-1, rows * size + cols, upper.expand(shape + upper.shape[-1:]))
+    if diagonal is not None:
+        positions = torch.arange(size, device=upper.device) * (size + 1)
+        flat = flat.index_copy(-1, positions, diagonal.expand(shape + (size,)))
+    return flat.view(shape + (size, size))
+
+
+def _bounded_diagonal(diag_raw: torch.Tensor) -> torch.Tensor:
+    """r_ii = BOUND tanh(diag_raw): the reparameterisation that makes r_ii r~_ii > -1."""
+    return _DIAGONAL_BOUND * torch.tanh(diag_raw)
 
 
 def _upper_triangular(diag_raw: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
-    """R with r_ii = BOUND tanh(diag_raw): the reparameterisation that makes r_ii r~_ii > -1."""
-    diagonal = _DIAGONAL_BOUND * torch.tanh(diag_raw)
-    return _strict_upper(upper, diag_raw.size(-1)) + torch.diag_embed(diagonal)
+    """R with r_ii = BOUND tanh(diag_raw) and the given strictly upper entries."""
+    return _triangle_with(upper, diag_raw.size(-1), _bounded_diagonal(diag_raw))
 
 
 def orthogonal_columns(
@@ -217,6 +235,10 @@ class ConditionedSylvester(Transform):
     def __init__(self, params: SylvesterParams | Callable[[], SylvesterParams]):
         super().__init__(cache_size=1)
         self._param_source = params
+        # (x, (q, r, r~, b), tanh activation or None) of the last forward / inverse call: the
+        # log-det of the same point reuses them (one context-network evaluation per
+        # sample-and-score, as conv_planar and Pyro's affine autoregressive transform do).
+        self._cached_call: tuple[torch.Tensor, tuple, torch.Tensor | None] | None = None
 
     def _matrices(
         self,
@@ -233,12 +255,16 @@ class ConditionedSylvester(Transform):
         return _matvec(r_tilde, z if q is None else _rmatvec(q, z)) + b
 
     def _call(self, z: torch.Tensor) -> torch.Tensor:
-        q, r, r_tilde, b = self._matrices()
-        shift = _matvec(r, torch.tanh(self._preactivation(z, q, r_tilde, b)))
+        matrices = self._matrices()
+        q, r, r_tilde, b = matrices
+        act = torch.tanh(self._preactivation(z, q, r_tilde, b))
+        self._cached_call = (z, matrices, act)
+        shift = _matvec(r, act)
         return z + (shift if q is None else _matvec(q, shift))
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        q, r, r_tilde, b = self._matrices()
+        matrices = self._matrices()
+        q, r, r_tilde, b = matrices
         c = y if q is None else _rmatvec(q, y)
         # Solve without a graph, then one Newton step per coordinate with the graph: the value is
         # the root (polished), its derivative the implicit-function one, -(dg/dtheta) / g'(v).
@@ -252,14 +278,23 @@ class ConditionedSylvester(Transform):
 
         v = _back_substitute(c, r, r_tilde, b, newton_step)
         if q is None:
-            return v
-        # Q^T z = v and the part of z orthogonal to Q's columns is that of y.
-        return y - _matvec(q, _matvec(r, torch.tanh(_matvec(r_tilde, v) + b)))
+            x = v
+        else:  # Q^T z = v and the part of z orthogonal to Q's columns is that of y.
+            x = y - _matvec(q, _matvec(r, torch.tanh(_matvec(r_tilde, v) + b)))
+        self._cached_call = (x, matrices, None)
+        return x
 
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        r"""From x alone: :math:`\sum_i \log(1 + h'(a_i) r_{ii} \tilde r_{ii})`, every term > 0."""
-        q, r, r_tilde, b = self._matrices()
-        act = torch.tanh(self._preactivation(x, q, r_tilde, b))
+        r"""From x alone: :math:`\sum_i \log(1 + h'(a_i) r_{ii} \tilde r_{ii})`, every term > 0.
+        The matrices (and activation) of the last forward or inverse call are reused only when
+        ``x`` is that call's point."""
+        cached = self._cached_call
+        if cached is not None and cached[0] is x:
+            _, (q, r, r_tilde, b), act = cached
+        else:
+            (q, r, r_tilde, b), act = self._matrices(), None
+        if act is None:
+            act = torch.tanh(self._preactivation(x, q, r_tilde, b))
         diagonal = r.diagonal(dim1=-2, dim2=-1) * r_tilde.diagonal(dim1=-2, dim2=-1)
         return torch.log1p((1.0 - act * act) * diagonal).sum(-1)
 
