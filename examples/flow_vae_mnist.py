@@ -41,9 +41,10 @@ import torch
 
 import transforms
 from pyro_storn import vae_table
+from pyro_storn.cli import OneLineParser
 from pyro_storn.data import mnist
 from pyro_storn.interrupts import exit_code, signal_of
-from pyro_storn.rundir import write_text_atomic
+from pyro_storn.rundir import check_writable_dir, write_text_atomic
 from pyro_storn.training import CHECKPOINT_NAME, NonFiniteLossError, read_metrics
 from pyro_storn.vae import ACTIVATIONS, VAE
 from pyro_storn.vae_fit import evaluate_bounds, fit_vae, load_best
@@ -89,7 +90,7 @@ def _model_list(text: str) -> list[tuple[str, int]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -164,10 +165,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("eval_images", "iwae_images"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
+    if not 0 < args.lr_decay <= 1:
+        parser.error(f"--lr-decay must be in (0, 1], got {args.lr_decay}")
+    if args.lr_decay_epochs is not None and not args.lr_decay_epochs > 0:
+        parser.error(f"--lr-decay-epochs must be positive, got {args.lr_decay_epochs}")
+    if args.warmup_epochs < 0:
+        parser.error(f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")
     if args.data is not None and args.data_dir is not None:
         parser.error("--data and --data-dir are two sources; give one")
     if args.figure is None:
         args.figure = args.out.with_suffix(".png")
+    # before any data is read or model trained: the page, its JSON and figure, and the runs
+    for path, what in ((args.out, "--out"), (args.figure, "--figure")):
+        try:
+            if path.is_dir():
+                raise ValueError(f"{what} {str(path)!r} is a directory, not a file")
+            check_writable_dir(path.parent, f"{what} {str(path)!r}: its directory")
+        except ValueError as error:
+            parser.error(str(error))
+    try:
+        if args.run_dir.exists() and not args.run_dir.is_dir():
+            raise ValueError(f"--run-dir {str(args.run_dir)!r} exists and is not a directory")
+        check_writable_dir(args.run_dir, "--run-dir")
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -178,8 +201,7 @@ def load_data(args: argparse.Namespace) -> mnist.MNISTData:
         try:
             return mnist.load_binarized_mnist_npz(args.data)
         except (FileNotFoundError, ValueError) as error:
-            print(f"flow_vae_mnist.py: error: --data: {error}", file=sys.stderr)
-            raise SystemExit(2) from None
+            _usage_error(f"--data: {error}")
     if args.data_dir is not None:
         try:
             return mnist.load_binarized_mnist(args.data_dir, download=args.download)
@@ -207,6 +229,9 @@ def configurations(args: argparse.Namespace) -> tuple[list[tuple[str, int]], lis
             runs.append((spec, length))
             continue
         name, kwargs = parse_flow_spec(spec)
+        if name not in available and args.models is not None:  # named exactly: a typo, not a grid
+            _usage_error(f"--models: flow {name!r} is not registered; available: "
+                         f"{', '.join(sorted(available))}")
         if name not in available:
             if name not in skipped:
                 print(f"skipping flow {name!r}: not registered; available: "
@@ -216,9 +241,16 @@ def configurations(args: argparse.Namespace) -> tuple[list[tuple[str, int]], lis
         try:
             transforms.build(name, args.latent_dim, context_dim=args.hidden_dims[-1], **kwargs)
         except (TypeError, ValueError) as error:
-            raise SystemExit(f"flow {spec!r}: {error}") from None
+            _usage_error(f"--{'models' if args.models is not None else 'flows'}: flow {spec!r}: "
+                         f"{error}")
         runs.append((spec, length))
     return runs, skipped
+
+
+def _usage_error(message: str) -> None:
+    """One line on stderr and exit 2, as argparse reports a bad argument."""
+    print(f"flow_vae_mnist.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def run_name(spec: str, length: int) -> str:

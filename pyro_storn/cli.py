@@ -29,7 +29,7 @@ from .interrupts import exit_code, raise_on_stop, signal_of
 if TYPE_CHECKING:
     from .data.sequences import SequenceData
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "OneLineParser"]
 
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 1
@@ -53,7 +53,9 @@ class _InputError(Exception):
     """Bad input: reported as one line and exit code 2."""
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr and exit 2, for every entry point."""
+
     def error(self, message: str) -> NoReturn:  # one line, not usage + message
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
@@ -139,8 +141,8 @@ def _force_option(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pyro-storn", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineParser(prog="pyro-storn", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("simulate", help="simulate the random-torque pendulum into an .npz",
                        description="Simulate gymnasium's Pendulum-v1 under a uniformly random "

@@ -502,7 +502,8 @@ def test_npz_object_array_is_refused_without_unpickling(tmp_path):
 
 
 @pytest.mark.parametrize("content, pattern", [
-    (b"not a zip file at all", r"not a readable \.npz file"),
+    (b"not a zip file at all", r"odd\.npz: not an npz \(zip\) file$"),
+    (b"", r"not an npz \(zip\) file \(it is empty\)"),
     (None, r"a single \.npy array"),
 ])
 def test_npz_that_is_not_an_npz(tmp_path, content, pattern):

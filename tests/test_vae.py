@@ -621,8 +621,43 @@ def test_flow_spec_errors_name_the_bad_option(capsys):
         example.parse_args(["--flows", "none,householder:1"])
     assert "flow option '1' in 'householder:1' is not key=value" in capsys.readouterr().err
     args = example.parse_args(["--flows", "householder:no_such_option=3"])
-    with pytest.raises(SystemExit, match="flow 'householder:no_such_option=3'"):
+    with pytest.raises(SystemExit) as stop:
         example.configurations(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flow_vae_mnist.py: error: --flows: flow 'householder:no_such_option=3'")
+    assert err.count("\n") == 1
+    # named exactly in --models, an unregistered flow or a bad option value stops before training
+    for models, message in (("none,no_such_flow@2", "--models: flow 'no_such_flow' is not "
+                             "registered; available: "),
+                            ("planar:hidden_dims=5@2", "--models: flow 'planar:hidden_dims=5': "
+                             "hidden_dims must be a list of positive ints")):
+        args = example.parse_args(["--models", models])
+        with pytest.raises(SystemExit) as stop:
+            example.configurations(args)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_example_refuses_bad_values_and_outputs_before_reading_data(tmp_path, capsys):
+    example = load_example()
+    afile = tmp_path / "a_file"
+    afile.write_text("mine")
+    for argv, message in (
+        (["--lr", "-1"], "--lr must be positive, got -1.0"),
+        (["--lr-decay", "0"], "--lr-decay must be in (0, 1], got 0.0"),
+        (["--lr-decay-epochs", "0"], "--lr-decay-epochs must be positive, got 0.0"),
+        (["--warmup-epochs", "-1"], "--warmup-epochs must be >= 0, got -1"),
+        (["--out", str(tmp_path)], f"--out {str(tmp_path)!r} is a directory, not a file"),
+        (["--out", str(afile / "x.md")], "is not a directory"),
+        (["--run-dir", str(afile)], f"--run-dir {str(afile)!r} exists and is not a directory"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            example.parse_args(argv + ["--data", str(tmp_path / "missing.npz")])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2, argv
+        assert err.count("\n") == 1 and message in err, (argv, err)
+    assert afile.read_text() == "mine"
 
 
 @needs_mlxtend

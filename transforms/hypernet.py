@@ -45,6 +45,9 @@ def context_hypernet(
     a positive int."""
     check_positive_int("input_dim", input_dim)
     check_positive_int("context_dim", context_dim)
+    if hidden_dims is not None and not isinstance(hidden_dims, Sequence):
+        raise ValueError(f"hidden_dims must be a list of positive ints ([] for one linear map), "
+                         f"got {hidden_dims!r}")
     hidden_dims = [10 * input_dim, 10 * input_dim] if hidden_dims is None else list(hidden_dims)
     if not hidden_dims:
         return LinearHypernet(context_dim, param_dims)

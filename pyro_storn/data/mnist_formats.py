@@ -23,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .npz import zip_signature_problem
+
 __all__ = [
     "IMAGE_SIZE",
     "IDX_FILES",
@@ -270,8 +272,13 @@ def read_binarized_npz(
     """
     path = Path(path)
     sizes = dict(NPZ_SPLITS) if sizes is None else dict(sizes)
+    if path.is_dir():
+        raise ValueError(f"{path}: a directory, not an .npz file")
     if not path.is_file():
         raise FileNotFoundError(f"binarized MNIST file not found: {path}")
+    problem = zip_signature_problem(path)
+    if problem is not None:
+        raise ValueError(f"{path}: {problem}")
     try:
         archive = np.load(path, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:

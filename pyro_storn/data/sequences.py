@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .npz import zip_signature_problem
 from .pendulum import TEST_FRACTION, split_train_test
 
 __all__ = ["SequenceData", "validate_sequences", "check_training_scale", "load_sequences"]
@@ -27,8 +28,6 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 # The loss sums squared standardised values over a batch of sequences and scales them: a sum of
 # squares must stay this far below float32's largest value for the float32 loss to stay finite.
 SCALE_HEADROOM = 1e6
-# The first bytes of every .npz: a zip archive's local-file header (or, empty, its end record).
-ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
 
 
 @dataclass
@@ -163,14 +162,11 @@ def load_sequences(path: str | os.PathLike, test_fraction: float = TEST_FRACTION
         raise ValueError(f"data file {str(path)!r} is a directory, not an .npz file")
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} does not exist")
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-    except OSError as error:
-        raise ValueError(f"data file {str(path)!r}: cannot read ({error.strerror})") from None
-    if head not in ZIP_SIGNATURES:
-        raise ValueError(f"data file {str(path)!r} is not a readable .npz: not an npz (zip) "
-                         "file" + (" (it is empty)" if not head else ""))
+    problem = zip_signature_problem(path)
+    if problem is not None:
+        if problem.startswith("cannot read"):
+            raise ValueError(f"data file {str(path)!r}: {problem}")
+        raise ValueError(f"data file {str(path)!r} is not a readable .npz: {problem}")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
