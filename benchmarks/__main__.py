@@ -14,7 +14,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+from pyro_storn.cli import OneLineParser
+from pyro_storn.rundir import check_device, check_output_dir
 
 from .figures import draw_figures
 from .harness import machine_info, write_results
@@ -29,7 +30,7 @@ SUITES = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m benchmarks",
         description="Interleaved, warmed-up timings of pyro-storn, written as JSON and a markdown "
         "table with machine info. Ratios taken in one run are what to quote; absolute times drift.",
@@ -73,6 +74,9 @@ def _kept_suites(out: Path, stem: str, running: list[str]) -> tuple[dict[str, di
         old = json.loads(json_path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"--merge: {json_path} is not valid JSON ({error}); rerun without --merge") from None
+    if not isinstance(old, dict) or not isinstance(old.get("suites", {}), dict):
+        raise ValueError(f"--merge: {json_path} is not a benchmarks JSON (no suites object); rerun "
+                         "without --merge")
     sections = _sections(markdown_path.read_text())
     kept_results, kept_sections = {}, {}
     for name, entry in old.get("suites", {}).items():
@@ -89,19 +93,19 @@ def _kept_suites(out: Path, stem: str, running: list[str]) -> tuple[dict[str, di
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
-        return 2
+    parser = _parser()
+    args = parser.parse_args(argv)
     names = args.suite or list(SUITES)
     stem = "benchmarks_smoke" if args.smoke else ("benchmarks" if args.device == "cpu" else f"benchmarks_{args.device}")
-    machine = machine_info(args.device)
-    results = {"machine": machine, "smoke": args.smoke, "started": datetime.now(timezone.utc).isoformat(), "suites": {}}
-    try:
+    try:  # before any suite runs
+        check_device(args.device, "--device")
+        check_output_dir(args.out, "--out", (f"{stem}.json", f"{stem}.md"), force=True)
         kept_results, kept_sections = _kept_suites(args.out, stem, names) if args.merge else ({}, {})
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
+    machine = machine_info(args.device)
+    results = {"machine": machine, "smoke": args.smoke, "started": datetime.now(timezone.utc).isoformat(), "suites": {}}
     new_sections = {}
     for name in names:
         module_name, _ = SUITES[name]

@@ -21,6 +21,7 @@ truth), ESS, and an ``az.plot_pair`` of its draws over the exact ones. Writes ``
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -30,10 +31,12 @@ import torch
 
 from pyro_storn.autoguide_study import (GuideResult, SVISettings, fit_and_judge, guide_builders,
                                         verdict, write_page)
+from pyro_storn.cli import OneLineParser
+from pyro_storn.rundir import check_output_dir, check_output_file
 from pyro_storn.tables import Stopwatch, command_line
 from pyro_storn.target_figures import plot_guide_draws
 from pyro_storn.targets import banana_target, funnel_target
-from pyro_storn.validation import check_positive_int
+from pyro_storn.validation import check_non_negative_int, check_positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 # The last one shows what an affine layer in front does for a bounded-perturbation flow.
@@ -43,7 +46,7 @@ DEFAULT_LENGTHS = {"planar": 8, "radial": 8, "sylvester": 4, "iaf": 4, "realnvp"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run (few steps, draws, flows of length 2): seconds")
     parser.add_argument("--steps", type=int, default=None, help="SVI steps per guide (default 2000; quick: 30)")
     parser.add_argument("--particles", type=int, default=8, help="ELBO particles per step (default 8)")
@@ -66,11 +69,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for option in ("steps", "particles", "draws", "length", "funnel_dim"):
             if getattr(args, option) is not None:
                 check_positive_int(f"--{option.replace('_', '-')}", getattr(args, option))
+        check_non_negative_int("--seed", args.seed)
+        # before any guide is fitted: the figure folder and the page
+        check_output_dir(args.out, "--out")
+        check_output_file(args.doc, "--doc", force=True)
     except ValueError as error:
         parser.error(str(error))
     if args.funnel_dim < 2:
         parser.error(f"--funnel-dim must be >= 2, got {args.funnel_dim}")
-    if not args.lr > 0:
+    if not 0 < args.lr < math.inf:
         parser.error(f"--lr must be positive, got {args.lr}")
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = sorted(set(args.targets) - {"funnel", "banana"})

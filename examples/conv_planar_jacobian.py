@@ -9,7 +9,6 @@ layer next to slogdet of that Jacobian.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -20,7 +19,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import transforms  # noqa: E402
-from pyro_storn.rundir import write_text_atomic  # noqa: E402
+from pyro_storn.cli import OneLineParser  # noqa: E402
+from pyro_storn.rundir import check_output_dir, write_text_atomic  # noqa: E402
+
+OUTPUTS = ("conv_planar_jacobian.png", "conv_planar_jacobian.json")
 
 
 def dense_jacobian(layer, x: torch.Tensor) -> torch.Tensor:
@@ -31,7 +33,7 @@ def dense_jacobian(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("docs/conv_planar"),
                         help="folder for conv_planar_jacobian.png / .json")
     parser.add_argument("--steps", type=int, default=25, help="sequence length T")
@@ -44,6 +46,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.kernel_size % 2 == 0:
         parser.error(f"--kernel-size must be odd (the centred filter), got {args.kernel_size}")
+    try:  # before any figure is drawn
+        check_output_dir(args.out, "--out", OUTPUTS, force=True)
+    except ValueError as error:
+        parser.error(str(error))
 
     torch.manual_seed(args.seed)
     x = torch.randn(args.steps, args.latent_dim, dtype=torch.float64)
@@ -80,8 +86,9 @@ def main(argv: list[str] | None = None) -> None:
                  f"k={args.kernel_size}")
     fig.tight_layout()
     args.out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out / "conv_planar_jacobian.png", dpi=120)
-    write_text_atomic(args.out / "conv_planar_jacobian.json", json.dumps(summary, indent=2) + "\n")
+    figure, table = (args.out / name for name in OUTPUTS)
+    fig.savefig(figure, dpi=120)
+    write_text_atomic(table, json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
 

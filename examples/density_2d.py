@@ -24,6 +24,7 @@ Writes to ``--out`` (default ``docs``):
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,11 @@ from pyro_storn.density import (
     plot_panels,
     split,
 )
+from pyro_storn.cli import OneLineParser
 from pyro_storn.density_table import Protocol, SideBySide, write_page
+from pyro_storn.rundir import check_output_dir, check_output_file
 from pyro_storn.tables import Stopwatch, command_line
-from pyro_storn.validation import check_positive_int
+from pyro_storn.validation import check_non_negative_int, check_positive_int
 
 DATASETS = ("two_moons", "two_blobs", "boomerang")
 FLOWS = ("planar", "radial", "realnvp", "nice", "maf", "cnf")
@@ -81,12 +84,21 @@ COMPARE_FLOW: dict[str, dict[str, Any]] = {
 }
 
 
+def _names(text: str) -> list[str]:
+    names = [name for name in text.split(",") if name]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--flows", default=",".join(FLOWS), help="comma-separated registry names")
-    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated data sets")
+    parser.add_argument("--flows", type=_names, default=",".join(FLOWS),
+                        help="comma-separated registry names")
+    parser.add_argument("--datasets", type=_names, default=",".join(DATASETS),
+                        help="comma-separated data sets")
     parser.add_argument(
         "--seconds", type=float, default=60.0,
         help="cap on the training seconds of a discrete flow (they train for a set number of steps)",
@@ -102,8 +114,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny budgets and figures, for a smoke test")
     parser.add_argument("--no-figures", action="store_true", help="only the table")
     args = parser.parse_args(argv)
-    args.flows = [f for f in args.flows.split(",") if f]
-    args.datasets = [d for d in args.datasets.split(",") if d]
     for name in args.datasets:
         if name not in DATASETS:
             parser.error(f"unknown data set {name!r}; valid choices: {', '.join(DATASETS)}")
@@ -111,10 +121,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if name not in CONFIGS:
             parser.error(f"no configuration for flow {name!r}; valid choices: {', '.join(CONFIGS)}")
     for option in ("seconds", "cnf_seconds"):
-        if getattr(args, option) <= 0:
+        if not 0 < getattr(args, option) < math.inf:
             parser.error(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
+    if not 0 <= args.compare_seconds < math.inf:
+        parser.error(f"--compare-seconds must be >= 0 (0: skip), got {args.compare_seconds}")
     try:
         check_positive_int("--compare-points", args.compare_points)
+        check_non_negative_int("--seed", args.seed)
+        # before any fit: the figure folder and the page
+        for folder in (args.out, args.out / "density_2d"):
+            check_output_dir(folder, "--out")
+        check_output_file(args.out / "density_2d.md", "--out", force=True)
     except ValueError as error:
         parser.error(str(error))
     if args.quick:

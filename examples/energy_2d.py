@@ -18,25 +18,31 @@ ICML 2015. [arXiv:1505.05770]
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import pyro
 
 import transforms
+from pyro_storn.cli import OneLineParser
+from pyro_storn.rundir import check_output_dir
 from pyro_storn.tables import Stopwatch
 from pyro_storn.target_figures import plot_energy_fits
 from pyro_storn.target_fit import fit_energy
 from pyro_storn.targets import ENERGIES, energy_kl
-from pyro_storn.validation import check_positive_int
+from pyro_storn.validation import check_non_negative_int, check_positive_int
 
 
 def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description=(
             "Fit planar and radial flows by SVI to the 2-D energies U1-U4 of Rezende & Mohamed "
             "(2015, Fig. 3) and plot the exact learned densities beside the targets."
@@ -78,11 +84,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                ("--particles", [args.particles])):
             for value in values:
                 check_positive_int(option, value)
+        check_non_negative_int("--seed", args.seed)
+        check_output_dir(args.out, "--out")  # before any fit
     except ValueError as error:
         parser.error(str(error))
     if args.quick:
         args.steps, args.flow_length, args.particles = 200, [4], 64
-    args.flows = [name.strip() for name in args.flows.split(",") if name.strip()]
+    flows = [name.strip() for name in args.flows.split(",") if name.strip()]
+    if not flows:
+        parser.error(f"--flows needs at least one flow name, got {args.flows!r}")
+    args.flows = flows
     for name in args.flows:
         if name not in transforms.available():
             parser.error(f"unknown flow {name!r}; valid choices: {', '.join(transforms.available())}")
@@ -90,13 +101,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"flow {name!r} acts on whole sequences; choose a per-vector flow")
         if not transforms.info(name).exact_inverse:
             parser.error(f"flow {name!r} has no exact inverse, so its density cannot be drawn on a grid")
-    args.energies = [name.strip().upper() for name in args.energies.split(",") if name.strip()]
+    energies = [name.strip().upper() for name in args.energies.split(",") if name.strip()]
+    if not energies:
+        parser.error(f"--energies needs at least one of U1, U2, U3, U4, got {args.energies!r}")
+    args.energies = energies
     for name in args.energies:
         if name not in ENERGIES:
             parser.error(f"unknown energy {name!r}; valid choices: {', '.join(ENERGIES)}")
     if not 0.0 <= args.anneal_fraction < 1.0:
         parser.error(f"--anneal-fraction must be in [0, 1), got {args.anneal_fraction}")
-    if not args.lr > 0:
+    if not 0 < args.lr < math.inf:
         parser.error(f"--lr must be positive, got {args.lr}")
     return args
 

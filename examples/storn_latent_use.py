@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from pyro_storn.cli import OneLineParser
 from pyro_storn.latent_use import latent_use, latent_use_table
 from pyro_storn.runs import CHECKPOINT_CHOICES, load_run, load_run_data
+from pyro_storn.storn import STORN
 from pyro_storn.validation import check_positive_int
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories written by train")
     parser.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="best",
                         help="which state: the best validation epoch's or the last (default: best)")
@@ -41,26 +45,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_table(run_dir: str, args: argparse.Namespace) -> str:
+@dataclass
+class MeasuredRun:
+    """What one table is made of: the trained model, its record, the first test sequences and
+    the feature names."""
+
+    run_dir: str
+    storn: STORN
+    record: dict[str, Any]
+    x: torch.Tensor
+    mask: torch.Tensor
+    names: list[str]
+
+
+def load_measured(run_dir: str, args: argparse.Namespace) -> MeasuredRun:
+    """``ValueError`` naming the run when it cannot be measured: not a trained run, its data gone,
+    not a Normal emission, or ``--features`` of another length."""
     storn, record = load_run(run_dir, checkpoint=args.checkpoint)
-    data = load_run_data(record)
-    x = torch.as_tensor(data.x_test[: args.n_sequences])
-    mask = torch.as_tensor(data.mask_test[: args.n_sequences])
+    if storn.emission_type != "normal":  # the table compares the data's sd with the emission's
+        raise ValueError(f"{run_dir}: emission {storn.emission_type!r} has no scale to compare; "
+                         "the table needs a run with the normal emission")
+    try:
+        data = load_run_data(record)
+    except ValueError as error:
+        raise ValueError(f"{run_dir}: {error}") from None
     names = (args.features.split(",") if args.features
              else [f"x{i}" for i in range(storn.input_dim)])
     if len(names) != storn.input_dim:
-        raise ValueError(f"--features names {len(names)} features, the run has {storn.input_dim}")
-    torch.manual_seed(args.seed)
-    use = latent_use(storn, x, mask)
-    which = record["checkpoint"]
-    return "\n".join([f"### {run_dir} ({which['which']} state, epoch {which['epoch']})", "",
+        raise ValueError(f"--features names {len(names)} features, the run {run_dir} has "
+                         f"{storn.input_dim}")
+    return MeasuredRun(run_dir, storn, record, torch.as_tensor(data.x_test[: args.n_sequences]),
+                       torch.as_tensor(data.mask_test[: args.n_sequences]), names)
+
+
+def run_table(run: MeasuredRun, seed: int) -> str:
+    torch.manual_seed(seed)
+    use = latent_use(run.storn, run.x, run.mask)
+    which = run.record["checkpoint"]
+    return "\n".join([f"### {run.run_dir} ({which['which']} state, epoch {which['epoch']})", "",
                       f"Base posterior scale, median: {use['q0_scale']:.3f} (the prior's: 1).", "",
-                      latent_use_table(use, names)])
+                      latent_use_table(use, run.names)])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    print("\n\n".join(run_table(run_dir, args) for run_dir in args.runs))
+    try:  # every run, before any is measured
+        runs = [load_measured(run_dir, args) for run_dir in args.runs]
+    except ValueError as error:
+        print(f"storn_latent_use.py: error: {error}", file=sys.stderr)
+        return 2
+    print("\n\n".join(run_table(run, args.seed) for run in runs))
     return 0
 
 

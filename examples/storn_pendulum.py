@@ -21,28 +21,45 @@ References:
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
-from pyro_storn.pendulum_grid import Grid, page_section, run_grid, write_page
+from pyro_storn.cli import OneLineParser
+from pyro_storn.pendulum_grid import Grid, page_section, run_grid, run_name, write_page
+from pyro_storn.rundir import check_device, check_output_dir, check_output_file, read_run_record
 from pyro_storn.runs import FLOW_STARTS, TrainConfig
 from pyro_storn.storn import ENCODERS
 from pyro_storn.tables import command_line
+from pyro_storn.validation import check_non_negative_int, check_positive_int, check_probability
+
+POSITIVE_INTS = ("epochs", "n_sequences", "n_steps", "latent_dim", "hidden_dim", "batch_size",
+                 "iwae_samples")
 
 
 def _csv(text: str, kind=str) -> list:
-    return [kind(item) for item in text.split(",") if item.strip()]
+    try:
+        values = [kind(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return values
+
+
+def _ints(text: str) -> list[int]:
+    return _csv(text, int)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flows", default="none,planar,radial", type=_csv,
                         help="comma-separated guides: 'none' (plain STORN) or registered flow "
                              "names (default: %(default)s)")
-    parser.add_argument("--lengths", default="2,4,8", type=lambda t: _csv(t, int),
+    parser.add_argument("--lengths", default="2,4,8", type=_ints,
                         help="flow lengths K, one run per flow and K (default: %(default)s)")
-    parser.add_argument("--seeds", default="0,1,2", type=lambda t: _csv(t, int),
+    parser.add_argument("--seeds", default="0,1,2", type=_ints,
                         help="training seeds, one run each; the data set is always seed 0 "
                              "(default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=100, help="epochs per run (default: 100)")
@@ -100,26 +117,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:  # before the grid runs for hours, not after
+        _check_args(args)
         args.section = page_section(args.out, args.runs, args.section)
+        build_grid(args).checked_cells()
     except ValueError as error:
         parser.error(str(error))
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def _check_args(args: argparse.Namespace) -> None:
+    """``ValueError`` naming the first bad flag; the notes file is read here, into
+    ``args.notes``."""
+    for name in POSITIVE_INTS:
+        check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
+    for length in args.lengths:
+        check_positive_int("--lengths", length)
+    for seed in args.seeds:
+        check_non_negative_int("--seeds", seed)
+    check_non_negative_int("--kl-anneal-epochs", args.kl_anneal_epochs)
+    for flag, value in (("--lr", args.lr), ("--clip-norm", args.clip_norm)):
+        if not 0 < value < math.inf:
+            raise ValueError(f"{flag} must be a positive number, got {value}")
+    check_probability("--validation-fraction", args.validation_fraction)
+    check_device(args.device, "--device")
+    check_output_dir(args.runs, "--runs")
+    check_output_file(args.out, "--out", force=True)
+    check_output_dir(Path(args.out).parent / "figures", "--out: its figures folder")
+    if args.init_from_runs is not None:
+        for seed in args.seeds:
+            try:
+                read_run_record(Path(args.init_from_runs) / run_name("none", 0, seed))
+            except ValueError as error:
+                raise ValueError(f"--init-from-runs: {error}") from None
+    args.notes = None
+    if args.notes_file is not None:
+        try:
+            args.notes = Path(args.notes_file).read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or str(error)
+            raise ValueError(f"--notes-file {args.notes_file!r}: cannot read ({reason})") from None
+
+
+def build_grid(args: argparse.Namespace) -> Grid:
     base = TrainConfig(latent_dim=args.latent_dim, hidden_dim=args.hidden_dim, epochs=args.epochs,
                        batch_size=args.batch_size, lr=args.lr, device=args.device,
                        kl_anneal_epochs=args.kl_anneal_epochs, encoder=args.encoder,
                        clip_norm=args.clip_norm,
                        validation_fraction=args.validation_fraction)
-    grid = Grid(args.flows, args.lengths, args.seeds, base, n_sequences=args.n_sequences,
+    return Grid(args.flows, args.lengths, args.seeds, base, n_sequences=args.n_sequences,
                 n_steps=args.n_steps, iwae_samples=args.iwae_samples,
                 init_from_runs=args.init_from_runs, flow_start=args.flow_start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    grid = build_grid(args)
     results = run_grid(grid, args.runs, progress=not args.quiet)
     command = command_line("examples/storn_pendulum.py", sys.argv[1:] if argv is None else argv)
-    notes = None if args.notes_file is None else Path(args.notes_file).read_text()
-    page = write_page(grid, results, args.runs, args.out, command, notes, args.section)
+    page = write_page(grid, results, args.runs, args.out, command, args.notes, args.section)
     print(f"wrote {page} (section {args.section!r})")
     return 0
 

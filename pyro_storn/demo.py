@@ -10,17 +10,19 @@ smaller than the reference experiment's (hidden 64, batch 25, 20 epochs);
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import transforms
 
+from .cli import OneLineParser
 from .data.pendulum import PendulumParams, load_or_simulate
 from .data.sequences import load_sequences
 from .report import write_report
+from .rundir import check_device, check_output_dir
 from .runs import TrainConfig, evaluate_run, generate_run, train
+from .validation import check_positive_int
 
 __all__ = ["run_demo", "main"]
 
@@ -54,18 +56,25 @@ def run_demo(
     device: str = "cpu",
     progress: bool = True,
 ) -> Path:
-    """Run the demo into ``out_dir``; returns the report's path."""
+    """Run the demo into ``out_dir``; returns the report's path. Bad settings are a
+    ``ValueError`` before anything is simulated or trained."""
     out_dir = Path(out_dir)
     flow = pick_flow(flow)
+    runs = {"storn": TrainConfig(), f"storn_{flow}{flow_length}":
+            TrainConfig(flow=flow, flow_length=flow_length)}
+    for config in runs.values():
+        config.hidden_dim, config.epochs, config.batch_size = hidden_dim, epochs, batch_size
+        config.seed, config.device = seed, device
+        config.validate()
+    for name, value in (("n_sequences", n_sequences), ("n_steps", n_steps),
+                        ("iwae_samples", iwae_samples)):
+        check_positive_int(name, value)
+    check_output_dir(out_dir, "out_dir")
     data_path = out_dir / "pendulum.npz"
     load_or_simulate(data_path, PendulumParams(n_sequences, n_steps, seed))
     data = load_sequences(data_path)
-    runs = {"storn": TrainConfig(), f"storn_{flow}{flow_length}":
-            TrainConfig(flow=flow, flow_length=flow_length)}
     started = time.perf_counter()
     for name, config in runs.items():
-        config.hidden_dim, config.epochs, config.batch_size = hidden_dim, epochs, batch_size
-        config.seed, config.device = seed, device
         print(f"[demo] training {name} ({config.flow}, K={config.flow_length}) "
               f"for {epochs} epochs", file=sys.stderr)
         train(data, out_dir / name, config, data_path=data_path, progress=progress)
@@ -83,7 +92,7 @@ def run_demo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyro_storn.demo", description=__doc__)
+    parser = OneLineParser(prog="python -m pyro_storn.demo", description=__doc__)
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--hidden-dim", type=int, default=64)
@@ -95,12 +104,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    try:  # the flags by name, before run_demo checks its settings
+        for flag in ("epochs", "hidden_dim", "batch_size", "flow_length", "iwae_samples"):
+            check_positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag))
+        check_device(args.device, "--device")
+        check_output_dir(args.out, "--out")
+        if args.flow is not None and args.flow not in transforms.available():
+            raise ValueError(f"--flow {args.flow!r} is not registered; available: "
+                             f"{', '.join(transforms.available())}")
+    except ValueError as error:
+        parser.error(str(error))
     try:
         report = run_demo(args.out, args.epochs, args.hidden_dim, args.batch_size, args.flow,
                           args.flow_length, iwae_samples=args.iwae_samples, device=args.device,
                           progress=not args.quiet)
     except ValueError as error:
-        print(f"pyro_storn.demo: error: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     print(f"report: {report.resolve()}")
     return 0

@@ -17,7 +17,6 @@ again from those copies alone.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -29,7 +28,9 @@ from typing import Any
 import numpy as np
 
 from .bounds import paired_difference
-from .rundir import CONFIG_NAME, atomic_write, read_json, save_figure, write_text_atomic
+from .cli import OneLineParser
+from .rundir import (CONFIG_NAME, atomic_write, check_output_dir, check_output_file, read_json,
+                     save_figure, write_text_atomic)
 from .runs import EVALUATION_NAME, GENERATED_NAME, read_run_config
 from .tables import MISSING, markdown_table, mean_sd
 from .training import METRICS_NAME, read_metrics
@@ -59,6 +60,9 @@ TIME_BUDGET_MINUTES = 60.0
 CURVE_KEYS = ("validation/neg_elbo_per_step", "test/neg_elbo_per_step")
 # What a row and the piano roll are read from; checkpoints stay behind.
 ARCHIVED_FILES = (CONFIG_NAME, EVALUATION_NAME, METRICS_NAME, GENERATED_NAME)
+# What a row reads of a run's evaluation.json (``pyro-storn evaluate`` writes them all).
+EVALUATION_KEYS = ("checkpoint", "neg_elbo", "neg_iwae", "neg_elbo_per_step", "neg_iwae_per_step",
+                   "num_samples", "n_steps")
 
 
 def _guide(config: dict[str, Any]) -> str:
@@ -114,6 +118,13 @@ def run_row(run_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{evaluation_path} does not exist: run `pyro-storn evaluate {run_dir}` "
                          "first")
     evaluation = read_json(evaluation_path)
+    found = evaluation if isinstance(evaluation, dict) else {}
+    missing = [key for key in EVALUATION_KEYS if key not in found]
+    if not isinstance(found.get("checkpoint"), dict) or "epoch" not in found["checkpoint"]:
+        missing.append("checkpoint.epoch")
+    if missing:
+        raise ValueError(f"{evaluation_path}: missing key {missing[0]} (not an evaluation.json "
+                         "of `pyro-storn evaluate`)")
     history = read_metrics(run_dir)
     seconds = np.cumsum([row.get("epoch_seconds", 0.0) for row in history])
     best_epoch = int(evaluation["checkpoint"]["epoch"])
@@ -415,11 +426,11 @@ def write_page(run_dirs: Sequence[str | Path], out: str | Path, command: str = "
     With ``archive``, the runs are first copied there (:func:`archive_runs`) and the page is made
     from the copies."""
     out = Path(out)
-    if archive is not None:
-        run_dirs = archive_runs(run_dirs, archive)
-    rows = [run_row(run_dir) for run_dir in run_dirs]
+    rows = [run_row(run_dir) for run_dir in run_dirs]  # every run read before anything is copied
     if not rows:
         raise ValueError("no run directories given")
+    if archive is not None:
+        rows = [run_row(copy) for copy in archive_runs(run_dirs, archive)]
     # the model with the most runs first, then its plain guide, flows, seeds
     counts = {model: sum(row["model"] == model for row in rows) for model in {r["model"] for r in rows}}
     rows.sort(key=lambda row: (-counts[row["model"]], row["model"], row["guide"] != "plain",
@@ -481,7 +492,7 @@ def write_page(run_dirs: Sequence[str | Path], out: str | Path, command: str = "
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m pyro_storn.jsb_table",
         description="Write the JSB Chorales results page (Markdown, JSON rows, curves figure) "
         "from evaluated STORN run directories.")
@@ -495,10 +506,16 @@ def main(argv: list[str] | None = None) -> int:
                         "piano rolls (no checkpoints) to DIR/<run name>/, and make the page from "
                         "those copies, so it can be written again on a machine without the runs")
     args = parser.parse_args(argv)
+    try:  # the page (its JSON and figures beside it) and the archive, before any run is read
+        check_output_file(args.out, "--out", force=True)
+        if args.archive is not None:
+            check_output_dir(args.archive, "--archive")
+    except ValueError as error:
+        parser.error(str(error))
     try:
         write_page(args.run_dirs, args.out, args.command, args.notes, args.archive)
     except (ValueError, OSError) as error:
-        print(f"pyro_storn.jsb_table: error: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")
     return 0

@@ -42,6 +42,7 @@ from .rundir import write_text_atomic
 from .runs import CONFIG_NAME, EVALUATION_NAME, TrainConfig, evaluate_run, train, validation_split
 from .tables import MISSING, Stopwatch, markdown_table, mean_sd, paired_over_seeds
 from .training import read_metrics
+from .validation import check_positive_int
 
 __all__ = [
     "COLUMNS",
@@ -130,6 +131,24 @@ class Grid:
                 cells += [(flow, k) for k in self.lengths]
         return cells
 
+    def checked_cells(self) -> list[tuple[str, int]]:
+        """:meth:`cells`, once the data sizes and every run's settings are checked:
+        ``ValueError`` naming the first bad one (or that no run is left), so that a grid fails
+        before anything is simulated or trained, not hours in."""
+        for name in ("n_sequences", "n_steps", "iwae_samples"):
+            check_positive_int(name, getattr(self, name))
+        if not self.seeds:
+            raise ValueError("the grid has no seeds")
+        if not any(flow == "none" or flow in transforms.available() for flow in self.flows):
+            raise ValueError(f"the grid has no run: no flow of {', '.join(map(repr, self.flows))} "
+                             f"is registered (available: none, "
+                             f"{', '.join(transforms.available())})")
+        cells = self.cells()
+        for flow, k in cells:
+            for seed in self.seeds:
+                self.config(flow, k, seed).validate()
+        return cells
+
     def config(self, flow: str, k: int, seed: int) -> TrainConfig:
         init_from = (None if self.init_from_runs is None
                      else str(Path(self.init_from_runs) / run_name("none", 0, seed)))
@@ -192,17 +211,16 @@ class GridResults:
 
 def run_grid(grid: Grid, runs: str | os.PathLike, progress: bool = True) -> GridResults:
     """Simulate (or reuse) the data in ``runs``, then run every cell of ``grid`` there; a bad
-    validation fraction is named before any run."""
+    setting of any run is named before the data are simulated (:meth:`Grid.checked_cells`)."""
+    cells = grid.checked_cells()
     runs = Path(runs)
     data_path = runs / DATA_NAME
     load_or_simulate(data_path, PendulumParams(grid.n_sequences, grid.n_steps, seed=DATA_SEED))
     data = load_sequences(data_path)
-    fraction = grid.base.validation_fraction
-    TrainConfig(validation_fraction=fraction).validate()
-    n_validation = len(validation_split(data.x.shape[0], fraction)[1])
+    n_validation = len(validation_split(data.x.shape[0], grid.base.validation_fraction)[1])
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
     clock = Stopwatch()
-    for flow, k in grid.cells():
+    for flow, k in cells:
         for seed in grid.seeds:
             run_dir = runs / run_name(flow, k, seed)
             print(f"[storn_pendulum] {run_dir.name}", file=sys.stderr)
