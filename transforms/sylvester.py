@@ -91,7 +91,8 @@ def _triangle_with(
     upper: torch.Tensor, size: int, diagonal: torch.Tensor | None
 ) -> torch.Tensor:
     """The strictly upper ``upper`` entries, and ``diagonal`` on the diagonal when given."""
-    rows, cols = torch.triu_indices(size, size, offset=1, device=upper.device)
+    index = torch.triu_indices(size, size, offset=1, device=upper.device)
+    rows, cols = index[0], index[1]  # indexed, not unpacked: unpacking iterates, which tracing warns of
     shape = upper.shape[:-1] if diagonal is None else torch.broadcast_shapes(
         upper.shape[:-1], diagonal.shape[:-1]
     )
