@@ -44,7 +44,7 @@ from pyro_storn import vae_table
 from pyro_storn.cli import OneLineParser
 from pyro_storn.data import mnist
 from pyro_storn.interrupts import exit_code, signal_of
-from pyro_storn.rundir import check_writable_dir, write_text_atomic
+from pyro_storn.rundir import check_output_dir, check_output_file, write_text_atomic
 from pyro_storn.training import CHECKPOINT_NAME, NonFiniteLossError, read_metrics
 from pyro_storn.vae import ACTIVATIONS, VAE
 from pyro_storn.vae_fit import evaluate_bounds, fit_vae, load_best
@@ -177,18 +177,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--data and --data-dir are two sources; give one")
     if args.figure is None:
         args.figure = args.out.with_suffix(".png")
-    # before any data is read or model trained: the page, its JSON and figure, and the runs
-    for path, what in ((args.out, "--out"), (args.figure, "--figure")):
-        try:
-            if path.is_dir():
-                raise ValueError(f"{what} {str(path)!r} is a directory, not a file")
-            check_writable_dir(path.parent, f"{what} {str(path)!r}: its directory")
-        except ValueError as error:
-            parser.error(str(error))
+    # before any data is read or model trained: the page (rewritten by design), its figure, the runs
     try:
-        if args.run_dir.exists() and not args.run_dir.is_dir():
-            raise ValueError(f"--run-dir {str(args.run_dir)!r} exists and is not a directory")
-        check_writable_dir(args.run_dir, "--run-dir")
+        check_output_file(args.out, "--out", force=True)
+        check_output_file(args.figure, "--figure", force=True)
+        check_output_dir(args.run_dir, "--run-dir")
     except ValueError as error:
         parser.error(str(error))
     return args

@@ -79,39 +79,29 @@ class SylvesterParams(NamedTuple):
     b: torch.Tensor
 
 
-def _strict_upper(entries: torch.Tensor, size: int) -> torch.Tensor:
-    """``(..., size(size-1)/2)`` entries, row by row, into a ``(..., size, size)`` strictly upper
-    triangular matrix. An ``index_copy`` into the flattened matrix: its backward is a gather,
-    where indexing the entries would scatter-add (1.7x slower forward+backward at N = 2000,
-    M = 32)."""
-    return _triangle_with(entries, size, None)
-
-
-def _triangle_with(
-    upper: torch.Tensor, size: int, diagonal: torch.Tensor | None
+def _strict_upper(
+    entries: torch.Tensor, size: int, diagonal: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The strictly upper ``upper`` entries, and ``diagonal`` on the diagonal when given."""
-    index = torch.triu_indices(size, size, offset=1, device=upper.device)
+    """``(..., size(size-1)/2)`` entries, row by row, into a ``(..., size, size)`` strictly upper
+    triangular matrix, with ``diagonal`` ``(..., size)`` on its diagonal when given. An
+    ``index_copy`` into the flattened matrix: its backward is a gather, where indexing the entries
+    would scatter-add (1.7x slower forward+backward at N = 2000, M = 32)."""
+    index = torch.triu_indices(size, size, offset=1, device=entries.device)
     rows, cols = index[0], index[1]  # indexed, not unpacked: unpacking iterates, which tracing warns of
-    shape = upper.shape[:-1] if diagonal is None else torch.broadcast_shapes(
-        upper.shape[:-1], diagonal.shape[:-1]
+    shape = entries.shape[:-1] if diagonal is None else torch.broadcast_shapes(
+        entries.shape[:-1], diagonal.shape[:-1]
     )
-    flat = upper.new_zeros(shape + (size * size,))
-    flat = flat.index_copy(-1, rows * size + cols, upper.expand(shape + upper.shape[-1:]))
+    flat = entries.new_zeros(shape + (size * size,))
+    flat = flat.index_copy(-1, rows * size + cols, entries.expand(shape + entries.shape[-1:]))
     if diagonal is not None:
-        positions = torch.arange(size, device=upper.device) * (size + 1)
+        positions = torch.arange(size, device=entries.device) * (size + 1)
         flat = flat.index_copy(-1, positions, diagonal.expand(shape + (size,)))
     return flat.view(shape + (size, size))
 
 
-def _bounded_diagonal(diag_raw: torch.Tensor) -> torch.Tensor:
-    """r_ii = BOUND tanh(diag_raw): the reparameterisation that makes r_ii r~_ii > -1."""
-    return _DIAGONAL_BOUND * torch.tanh(diag_raw)
-
-
 def _upper_triangular(diag_raw: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
-    """R with r_ii = BOUND tanh(diag_raw) and the given strictly upper entries."""
-    return _triangle_with(upper, diag_raw.size(-1), _bounded_diagonal(diag_raw))
+    """R with r_ii = BOUND tanh(diag_raw): the reparameterisation that makes r_ii r~_ii > -1."""
+    return _strict_upper(upper, diag_raw.size(-1), _DIAGONAL_BOUND * torch.tanh(diag_raw))
 
 
 def orthogonal_columns(

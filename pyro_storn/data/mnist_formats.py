@@ -277,15 +277,12 @@ def read_binarized_npz(
     if not path.is_file():
         raise FileNotFoundError(f"binarized MNIST file not found: {path}")
     problem = zip_signature_problem(path)
-    if problem is not None:
+    if problem is not None:  # a zip archive past this point, which np.load opens as an NpzFile
         raise ValueError(f"{path}: {problem}")
     try:
         archive = np.load(path, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
         raise ValueError(f"{path}: not a readable .npz file ({error})") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: a single .npy array, expected an .npz with arrays "
-                         f"{', '.join(sizes)}")
     arrays = {}
     with archive:
         missing = [name for name in sizes if name not in archive.files]
